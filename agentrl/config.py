@@ -1,0 +1,252 @@
+"""Run configuration: YAML files plus dotted command-line overrides, validated into typed objects.
+
+``load_config("configs/quickstart.yaml", ["trainer.lr=1e-6", "rollout.max_turns=4"])`` returns a
+:class:`RunConfig`. Unknown keys are errors that suggest the closest valid key; wrong types name the
+key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so that the user knows what to change."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(Section):
+    """Which policy to train: a local HF path or the embedded ``smollm2-135m-instruct``."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class EnvConfig(Section):
+    """The task: an env by registered name (``search_qa``) or import path (``pkg.mod:MyEnv``)."""
+
+    name: str = "search_qa"
+    train_data: str | None = None
+    eval_data: str | None = None
+    eval_size: int = Field(64, ge=0)
+    options: dict[str, Any] = {}
+
+
+class ToolsConfig(Section):
+    """Tools by registered name or import path, and how their output reaches the model."""
+
+    names: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    server_url: str | None = None
+    server_token: str | None = None
+    max_observation_tokens: int = Field(512, gt=0)
+    observation_truncation: Literal["head", "tail", "middle"] = "tail"
+
+
+class PartialRolloutConfig(Section):
+    """APRIL-style partial rollouts: over-provision, stop at the target, carry the rest over."""
+
+    enabled: bool = False
+    over_provision: float = Field(1.5, ge=1.0)
+    max_staleness: int = Field(1, ge=0)
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm", "openai"] = "hf"
+    engine_url: str | None = None
+    engine_model: str | None = None
+    group_size: int = Field(4, gt=0)
+    max_turns: int = Field(4, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_concurrent_trajectories: int = Field(64, gt=0)
+    max_batch_size: int = Field(32, gt=0)
+    partial: PartialRolloutConfig = PartialRolloutConfig()
+
+
+class AlgoConfig(Section):
+    """Advantage estimator and policy loss (see ``agentrl/algos``)."""
+
+    advantage: Literal[
+        "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "turn_grpo"
+    ] = "grpo"
+    norm_std: bool = True
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(1.0, ge=0.0, le=1.0)
+    turn_gamma: float = Field(1.0, ge=0.0, le=1.0)
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "dr-grpo"] = "token-mean"
+    clip_low: float = Field(0.2, ge=0.0)
+    clip_high: float = Field(0.28, ge=0.0)
+    dual_clip: float | None = Field(None, gt=1.0)
+    kl_coef: float = Field(0.0, ge=0.0)
+    kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
+    entropy_coef: float = Field(0.0, ge=0.0)
+    clip_cov_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    kl_cov_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    kl_cov_coef: float = Field(1.0, ge=0.0)
+    stale_is_cap: float = Field(2.0, gt=0.0)
+    dynamic_sampling: bool = False
+    overlong_filter: bool = False
+    value_lr: float = Field(1e-5, gt=0.0)
+    value_clip: float = Field(0.2, ge=0.0)
+
+
+class TrainerConfig(Section):
+    steps: int = Field(10, ge=0)
+    prompts_per_step: int = Field(8, gt=0)
+    epochs: int = Field(1, gt=0)
+    minibatch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    eval_every: int = Field(0, ge=0)
+    eval_before: bool = True
+    save_every: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    seed: int = 0
+    torch_threads: int | None = Field(None, gt=0)
+
+
+class SftConfig(Section):
+    """Supervised warm start on demonstration trajectories before RL."""
+
+    enabled: bool = False
+    data: str | None = None
+    num_demonstrations: int = Field(64, ge=0)
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(1e-5, gt=0.0)
+    batch_size: int = Field(8, gt=0)
+
+
+class TrackingConfig(Section):
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = ["jsonl"]
+    project: str = "agentrl"
+    run_name: str | None = None
+    sample_trajectories: int = Field(4, ge=0)
+    progress: bool = True
+    plot: bool = True
+
+
+class RunConfig(Section):
+    """A whole run. Every section has defaults; a YAML file overrides what it names."""
+
+    output_dir: str = "runs/default"
+    resume: bool = False
+    model: ModelConfig = ModelConfig()
+    env: EnvConfig = EnvConfig()
+    tools: ToolsConfig = ToolsConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algo: AlgoConfig = AlgoConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    sft: SftConfig = SftConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"trainer.lr=1e-6"`` -> ``(["trainer", "lr"], 1e-6)``; values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.subkey=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 1e-6 as a string (it wants 1.0e-6); numbers written the Python way are numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return [part.strip() for part in key.split(".")], value
+
+
+def _check_keys(model: type[BaseModel], data: Any, prefix: str) -> None:
+    """Reject unknown keys, naming the closest valid key (pydantic's message does not)."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        if key not in model.model_fields:
+            valid = sorted(model.model_fields)
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(annotation, value, f"{prefix}{key}.")
+
+
+def _set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        value = item.get("input")
+        lines.append(f"config key '{key}' = {value!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    data = dict(data or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_dotted(data, path, value)
+    _check_keys(RunConfig, data, "")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or none, for all defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded or {}
+    return build_config(data, overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

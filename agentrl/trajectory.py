@@ -1,0 +1,222 @@
+"""Trajectories: the token stream of one multi-turn rollout, its loss mask and what happened in it.
+
+A trajectory is built from token ids exactly as the engine produced them (``loss_mask`` 1, sampled
+logprobs kept) interleaved with observation and template tokens (``loss_mask`` 0). Nothing in it is
+ever decoded and re-encoded. It round-trips losslessly through JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["ok", "format_error", "truncated", "infra_error"]
+STATUSES: tuple[str, ...] = ("ok", "format_error", "truncated", "infra_error")
+
+StopReason = Literal[
+    "answer",  # the model gave a final answer
+    "eos",  # the model ended its turn without a tool call or an answer
+    "max_turns",  # the turn budget ran out
+    "max_new_tokens",  # one turn hit its per-turn token budget
+    "max_response_tokens",  # the whole-trajectory token budget ran out
+    "format_error",  # the episode was ended because of unparseable output
+    "infra_error",  # a tool server or sandbox backend failed; excluded from the loss
+    "stale",  # a partial rollout outlived the maximum staleness and was dropped
+]
+STOP_REASONS: tuple[str, ...] = (
+    "answer", "eos", "max_turns", "max_new_tokens", "max_response_tokens",
+    "format_error", "infra_error", "stale",
+)
+
+SpanRole = Literal["assistant", "observation", "template"]
+
+
+@dataclass
+class TurnSpan:
+    """A contiguous span of ``response_ids``: ``[start, end)``.
+
+    ``assistant`` spans are sampled by the policy (loss mask 1); ``observation`` spans carry tool
+    output and ``template`` spans chat-template glue (both loss mask 0). ``policy_version`` is the
+    version of the weights that sampled an assistant span (partial rollouts mix versions).
+    """
+
+    role: SpanRole
+    start: int
+    end: int
+    turn: int
+    policy_version: int | None = None
+
+
+@dataclass
+class ToolCallRecord:
+    """One tool call made in a trajectory, successful or not."""
+
+    tool: str
+    arguments: dict[str, Any]
+    turn: int
+    status: Literal["ok", "error", "timeout", "format_error", "infra_error"] = "ok"
+    latency_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Trajectory:
+    """One rollout: ``prompt_ids`` followed by ``response_ids``.
+
+    ``loss_mask``, ``logprobs`` and the span list all index ``response_ids``. ``logprobs[i]`` is the
+    sampling log-probability of ``response_ids[i]`` for model tokens and 0.0 elsewhere.
+    """
+
+    id: str
+    group_id: str
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    turns: list[TurnSpan] = field(default_factory=list)
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    stop_reason: StopReason | None = None
+    status: Status = "ok"
+    reward: float | None = None
+    turn_rewards: list[float] | None = None
+    policy_version: int = 0
+    answer: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- building --------------------------------------------------------------------------
+
+    def append_model_tokens(
+        self, token_ids: list[int], logprobs: list[float], turn: int, policy_version: int
+    ) -> None:
+        """Append tokens the policy sampled: trained on (mask 1), logprobs kept."""
+        if len(token_ids) != len(logprobs):
+            raise ValueError(f"{len(token_ids)} tokens but {len(logprobs)} logprobs")
+        self._append(token_ids, 1, list(logprobs), "assistant", turn, policy_version)
+
+    def append_observation_tokens(
+        self, token_ids: list[int], turn: int, role: SpanRole = "observation"
+    ) -> None:
+        """Append tokens the policy did not sample (tool output, template glue): mask 0."""
+        if role == "assistant":
+            raise ValueError("observation tokens cannot have the assistant role")
+        self._append(token_ids, 0, [0.0] * len(token_ids), role, turn, None)
+
+    def _append(
+        self,
+        token_ids: list[int],
+        mask_value: int,
+        logprobs: list[float],
+        role: SpanRole,
+        turn: int,
+        policy_version: int | None,
+    ) -> None:
+        if not token_ids:
+            return
+        start = len(self.response_ids)
+        self.response_ids.extend(int(t) for t in token_ids)
+        self.loss_mask.extend([mask_value] * len(token_ids))
+        self.logprobs.extend(float(x) for x in logprobs)
+        last = self.turns[-1] if self.turns else None
+        if (
+            last is not None
+            and last.role == role
+            and last.turn == turn
+            and last.end == start
+            and last.policy_version == policy_version
+        ):
+            last.end = len(self.response_ids)
+        else:
+            self.turns.append(TurnSpan(role, start, len(self.response_ids), turn, policy_version))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def num_turns(self) -> int:
+        return len({s.turn for s in self.turns if s.role == "assistant"})
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    @property
+    def trainable(self) -> bool:
+        """Infrastructure failures and dropped partial rollouts never enter the loss."""
+        return self.status != "infra_error" and self.stop_reason != "stale"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the parallel arrays or spans are inconsistent."""
+        n = len(self.response_ids)
+        if len(self.loss_mask) != n or len(self.logprobs) != n:
+            raise ValueError(
+                f"trajectory {self.id}: response_ids={n}, loss_mask={len(self.loss_mask)}, "
+                f"logprobs={len(self.logprobs)}; they must be equal"
+            )
+        position = 0
+        for span in self.turns:
+            if span.start != position or span.end < span.start:
+                raise ValueError(f"trajectory {self.id}: span {span} does not continue at {position}")
+            expected = 1 if span.role == "assistant" else 0
+            if any(m != expected for m in self.loss_mask[span.start : span.end]):
+                raise ValueError(f"trajectory {self.id}: span {span} has a loss mask other than {expected}")
+            position = span.end
+        if position != n:
+            raise ValueError(f"trajectory {self.id}: spans cover {position} of {n} response tokens")
+        if self.status not in STATUSES:
+            raise ValueError(f"trajectory {self.id}: unknown status {self.status!r}")
+        if self.stop_reason is not None and self.stop_reason not in STOP_REASONS:
+            raise ValueError(f"trajectory {self.id}: unknown stop reason {self.stop_reason!r}")
+
+    # -- serialisation ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trajectory:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown trajectory fields: {sorted(unknown)}")
+        data = dict(data)
+        data["turns"] = [TurnSpan(**s) for s in data.get("turns", [])]
+        data["tool_calls"] = [ToolCallRecord(**c) for c in data.get("tool_calls", [])]
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> Trajectory:
+        return cls.from_dict(json.loads(line))
+
+
+def write_jsonl(trajectories: Iterable[Trajectory], path: str | Path, append: bool = False) -> int:
+    """Write trajectories one per line; returns how many were written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("a" if append else "w", encoding="utf-8") as handle:
+        for trajectory in trajectories:
+            handle.write(trajectory.to_json() + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> Iterator[Trajectory]:
+    """Read trajectories written by :func:`write_jsonl`; a malformed line names its number."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield Trajectory.from_json(line)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not a trajectory: {error}") from error

