@@ -18,6 +18,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# Command groups; each is added to `app` at the bottom only once it has commands.
+serve_app = typer.Typer(help="Run a service: tools, sandbox or retriever.", no_args_is_help=True)
+tools_app = typer.Typer(help="List registered tools or call one.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and inspect retrieval indexes.", no_args_is_help=True)
+
 console = Console()
 error_console = Console(stderr=True)
 
@@ -61,6 +66,12 @@ def config_command(config: ConfigArg = None, overrides: OverridesArg = None) -> 
     resolved = resolve_config(config, overrides)
     console.print(Syntax(dump_config(resolved), "yaml", theme="ansi_dark", background_color="default"))
 
+
+# -- command groups are registered last, once every command above has been defined ----------------
+
+for _group, _name in ((serve_app, "serve"), (tools_app, "tools"), (index_app, "index")):
+    if _group.registered_commands:
+        app.add_typer(_group, name=_name)
 
 if __name__ == "__main__":
     app()
