@@ -22,7 +22,6 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    include_stop_str: bool = True
 
 
 @dataclass
@@ -30,9 +29,8 @@ class GenerationResult:
     """What one request produced.
 
     ``finish_reason``: ``stop`` (a stop string matched; ``stop_text`` says which), ``eos`` (an
-    end-of-sequence token), ``length`` (``max_new_tokens``), ``abort`` (cancelled). With
-    ``include_stop_str`` the tokens up to and including the one that completed the stop string are
-    kept, so the token ids stay exactly what was sampled.
+    end-of-sequence token), ``length`` (``max_new_tokens``), ``abort`` (cancelled). The tokens up to and including the one
+    that completed the stop string are kept, so the token ids stay exactly what was sampled.
     """
 
     token_ids: list[int]

@@ -1,0 +1,142 @@
+"""The HF engine: batched, stop strings and budgets honoured, logprobs faithful, seeds reproducible."""
+
+import asyncio
+
+import pytest
+import torch
+
+from agentrl.engines.base import Engine, SamplingParams
+from agentrl.engines.hf import HFEngine
+
+PROMPTS = [
+    "Tell me about the weather today.",
+    "What is 2 + 2?",
+    "Write a very long story about a dragon who learned to fly over the mountains.",
+    "Hi",
+]
+
+
+def chat_ids(tokenizer, text):
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_engine_implements_the_protocol(tiny_model, tokenizer):
+    assert isinstance(HFEngine(tiny_model, tokenizer), Engine)
+
+
+def test_max_new_tokens_is_honoured(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    engine.eos_token_ids = set()  # a random model may sample EOS early; this test is about length
+    result = run(engine.generate(chat_ids(tokenizer, "Hello"), SamplingParams(max_new_tokens=7, seed=1)))
+    assert len(result.token_ids) == 7 and len(result.logprobs) == 7
+    assert result.finish_reason == "length"
+
+
+def test_stop_string_ends_generation_at_the_completing_token(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    engine.eos_token_ids = set()
+    prompt = chat_ids(tokenizer, "Hello")
+    free = run(engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0)))
+    text = tokenizer.decode(free.token_ids)
+    # choose a stop string that the unconstrained greedy output contains after a few tokens
+    k = 5
+    stop = tokenizer.decode(free.token_ids[k - 1 : k]).strip() or tokenizer.decode(free.token_ids[k - 1 : k])
+    stopped = run(engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])))
+    assert stopped.finish_reason == "stop" and stopped.stop_text == stop
+    decoded = tokenizer.decode(stopped.token_ids)
+    assert stop in decoded
+    assert stop not in tokenizer.decode(stopped.token_ids[:-1])  # it stopped at the first completion
+    assert free.token_ids[: len(stopped.token_ids)] == stopped.token_ids
+    assert text.startswith(decoded)
+
+
+def test_eos_finishes_with_eos(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    prompt = chat_ids(tokenizer, "Hello")
+    first = run(engine.generate(prompt, SamplingParams(max_new_tokens=3, temperature=0)))
+    engine.eos_token_ids = {first.token_ids[0]}  # make the greedy first token count as EOS
+    result = run(engine.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0)))
+    assert result.finish_reason == "eos" and result.token_ids == first.token_ids[:1]
+
+
+def test_logprobs_match_a_separate_forward_pass(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    prompt = chat_ids(tokenizer, PROMPTS[0])
+    result = run(engine.generate(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)))
+    ids = torch.tensor([prompt + result.token_ids])
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(result.logprobs), expected, atol=1e-4)
+
+
+def test_greedy_output_is_identical_alone_and_in_a_batch(tiny_model, tokenizer):
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
+
+    async def alone():
+        engine = HFEngine(tiny_model, tokenizer)
+        return [(await engine.generate(p, params)).token_ids for p in prompts]
+
+    async def together():
+        engine = HFEngine(tiny_model, tokenizer)
+        results = await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+        assert engine.batch_sizes[len(prompts)] == 1, engine.batch_sizes
+        return [r.token_ids for r in results]
+
+    assert run(alone()) == run(together())
+
+
+def test_concurrent_requests_run_as_batches(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer, max_batch_size=32)
+    engine.eos_token_ids = set()
+    prompts = [chat_ids(tokenizer, f"Question number {i}?") for i in range(32)]
+
+    async def main():
+        return await asyncio.gather(
+            *(engine.generate(p, SamplingParams(max_new_tokens=8, seed=i)) for i, p in enumerate(prompts))
+        )
+
+    results = run(main())
+    assert all(len(r.token_ids) == 8 for r in results)
+    assert engine.batch_sizes == {32: 1}
+    assert engine.forward_calls == 8  # one prefill plus seven decode steps for all 32 together
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(tiny_model, tokenizer):
+    prompt = chat_ids(tokenizer, PROMPTS[1])
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=1234)
+
+    async def alone():
+        return (await HFEngine(tiny_model, tokenizer).generate(prompt, params)).token_ids
+
+    async def with_others():
+        engine = HFEngine(tiny_model, tokenizer)
+        others = [engine.generate(chat_ids(tokenizer, p), SamplingParams(max_new_tokens=5, seed=9)) for p in PROMPTS]
+        results = await asyncio.gather(engine.generate(prompt, params), *others)
+        return results[0].token_ids
+
+    assert run(alone()) == run(with_others())
+
+
+def test_weight_swap_changes_output_and_bumps_version(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    prompt = chat_ids(tokenizer, PROMPTS[0])
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    before = run(engine.generate(prompt, params))
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
+    engine.update_weights(state)
+    after = run(engine.generate(prompt, params))
+    assert engine.policy_version == 1 and after.policy_version == 1 and before.policy_version == 0
+    assert after.token_ids != before.token_ids
+
+
+def test_empty_prompt_is_refused(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="at least one token"):
+        run(HFEngine(tiny_model, tokenizer).generate([], SamplingParams()))
