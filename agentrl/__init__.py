@@ -2,4 +2,6 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from agentrl.tool import InfraError, Observation, Tool, ToolContext, ToolError, tool  # noqa: E402
+
+__all__ = ["InfraError", "Observation", "Tool", "ToolContext", "ToolError", "__version__", "tool"]

@@ -67,6 +67,106 @@ def config_command(config: ConfigArg = None, overrides: OverridesArg = None) -> 
     console.print(Syntax(dump_config(resolved), "yaml", theme="ansi_dark", background_color="default"))
 
 
+def _parse_options(pairs: list[str] | None) -> dict:
+    from agentrl.config import parse_override
+
+    options: dict = {}
+    for pair in pairs or []:
+        path, value = parse_override(pair)
+        options[".".join(path)] = value
+    return options
+
+
+@tools_app.command("list")
+def tools_list(
+    tool: Annotated[Optional[list[str]], typer.Option("--tool", help="also list this module:Class tool")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the schemas as JSON")] = False,
+) -> None:
+    """Print every registered tool (and any --tool module:Class) with its schema."""
+    import json
+
+    from rich.table import Table
+
+    from agentrl.tool import get_tool_class, registered_tools
+
+    found: dict = dict(registered_tools())
+    for path in tool or []:
+        try:
+            cls = get_tool_class(path)
+        except LookupError as error:
+            error_console.print(f"[bold red]error:[/] {error}")
+            raise typer.Exit(2) from None
+        found[cls.name] = cls
+    if as_json:
+        console.print_json(json.dumps({n: (c.schema() if isinstance(c, type) else {"error": str(c)}) for n, c in found.items()}))
+        return
+    table = Table("tool", "description", "parameters", show_lines=True)
+    for name, cls in found.items():
+        if isinstance(cls, Exception):
+            table.add_row(name, f"[red]unavailable: {cls}[/]", "")
+            continue
+        schema = cls.schema()["function"]
+        table.add_row(name, schema["description"], json.dumps(schema["parameters"], indent=1))
+    console.print(table)
+
+
+@tools_app.command("call")
+def tools_call(
+    name: Annotated[str, typer.Argument(help="tool name (or module:Class)")],
+    arguments: Annotated[str, typer.Argument(help='JSON arguments, e.g. \'{"query": "x"}\'')] = "{}",
+    tool: Annotated[Optional[list[str]], typer.Option("--tool", help="load a module:Class tool")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="tool option key=value")] = None,
+    metadata: Annotated[str, typer.Option(help="JSON task metadata for the tool, e.g. a db_path")] = "{}",
+) -> None:
+    """Run one tool call and print the observation (debug a tool before training with it)."""
+    import asyncio
+    import json
+
+    from agentrl.executor import ToolExecutor
+    from agentrl.parsing import ToolCall
+    from agentrl.tool import ToolContext, UnknownToolError, get_tool_class
+
+    try:
+        parsed = json.loads(arguments)
+        context_metadata = json.loads(metadata)
+    except json.JSONDecodeError as error:
+        error_console.print(f"[bold red]error:[/] arguments are not valid JSON: {error}")
+        raise typer.Exit(2) from None
+    try:
+        classes = {get_tool_class(path).name: path for path in tool or []}
+        tool_name = get_tool_class(name).name if ":" in name else name
+        executor = ToolExecutor([classes.get(tool_name, name)], {tool_name: _parse_options(option)})
+    except UnknownToolError as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+
+    async def run():
+        async with executor.session("cli", ToolContext("cli", context_metadata)) as session:
+            return (await session.run([ToolCall(tool_name, parsed)]))[0]
+
+    result = asyncio.run(run())
+    console.print(result.observation.text, markup=False, highlight=False)
+    if result.observation.images:
+        console.print(f"[{len(result.observation.images)} image(s): " + ", ".join(f"{i.size[0]}x{i.size[1]}" for i in result.observation.images) + "]")
+    if result.status != "ok":
+        error_console.print(f"[yellow]status: {result.status}[/] ({result.latency_s * 1000:.1f} ms)")
+        raise typer.Exit(1)
+
+
+@serve_app.command("tools")
+def serve_tools_command(
+    tools: Annotated[str, typer.Option(help="comma-separated tool names or module:Class paths")] = "python,search,sql",
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8010,
+    token: Annotated[Optional[str], typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
+    idle_ttl: Annotated[float, typer.Option(help="seconds before an idle trajectory's tools are released")] = 600.0,
+) -> None:
+    """Serve tool calls over HTTP, sticky per trajectory."""
+    from agentrl.server import serve_tools
+
+    serve_tools([t.strip() for t in tools.split(",") if t.strip()], host=host, port=port, token=token or None, idle_ttl_s=idle_ttl)
+
+
 # -- command groups are registered last, once every command above has been defined ----------------
 
 for _group, _name in ((serve_app, "serve"), (tools_app, "tools"), (index_app, "index")):
