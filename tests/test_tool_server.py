@@ -1,0 +1,167 @@
+"""The tool server over 127.0.0.1: batch calls, sticky sessions, auth, limits, and a client that
+survives a killed and restarted server."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agentrl.executor import ToolExecutor
+from agentrl.parsing import ToolCall
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = "tests.helpers.demo_tools:Counter,tests.helpers.demo_tools:Pid,tests.helpers.demo_tools:Failing"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentrl.cli", "serve", "tools", "--tools", TOOLS, "--port", str(port), *extra],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read().decode())
+    process.kill()
+    raise RuntimeError("tool server did not start")
+
+
+@pytest.fixture()
+def server():
+    port = free_port()
+    process = start_server(port, "--token", "s3cret", "--idle-ttl", "1")
+    yield f"http://127.0.0.1:{port}", port
+    process.kill()
+    process.wait()
+
+
+def test_round_trip_with_sticky_sessions(server):
+    url, _ = server
+
+    async def main():
+        executor = ToolExecutor(TOOLS.split(","), server_url=url, token="s3cret")
+        a, b = executor.session("a"), executor.session("b")
+        results = [await a.run([ToolCall("counter", {})]), await a.run([ToolCall("counter", {"step": 5})]),
+                   await b.run([ToolCall("counter", {})])]
+        errors = await a.run([ToolCall("failing", {"mode": "tool_error"}), ToolCall("failing", {"mode": "hang"}),
+                              ToolCall("failing", {"mode": "infra"})])
+        await a.close()
+        await b.close()
+        await executor.close()
+        return [r[0].observation.text for r in results], [(r.status, r.observation.text) for r in errors]
+
+    texts, errors = asyncio.run(main())
+    assert texts == ["a:1", "a:6", "b:1"]
+    assert errors[0] == ("error", "Error: the file does not exist")
+    assert errors[1][0] == "timeout" and errors[2][0] == "infra_error"
+
+
+def test_batch_endpoint_answers_in_order_and_exposes_metrics(server):
+    url, _ = server
+    headers = {"Authorization": "Bearer s3cret"}
+    payload = {"requests": [{"trajectory_id": f"t{i % 3}", "tool": "counter", "arguments": {}} for i in range(9)]}
+    response = httpx.post(f"{url}/call", json=payload, headers=headers, timeout=10)
+    assert response.status_code == 200
+    texts = sorted(r["text"] for r in response.json()["results"])
+    assert texts == sorted(f"t{t}:{n}" for t in range(3) for n in (1, 2, 3))
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'agentrl_tool_calls_total{status="ok",tool="counter"} 9.0' in metrics
+    assert "agentrl_tool_sessions 3.0" in metrics
+    time.sleep(1.8)  # idle TTL is 1 s: the sessions are evicted
+    assert httpx.get(f"{url}/health").json()["sessions"] == 0
+
+
+def test_release_drops_the_trajectory_state(server):
+    url, _ = server
+    headers = {"Authorization": "Bearer s3cret"}
+    call = {"requests": [{"trajectory_id": "r", "tool": "counter", "arguments": {}}]}
+    assert httpx.post(f"{url}/call", json=call, headers=headers).json()["results"][0]["text"] == "r:1"
+    assert httpx.post(f"{url}/release", json={"trajectory_id": "r"}, headers=headers).json() == {"released": True}
+    assert httpx.post(f"{url}/call", json=call, headers=headers).json()["results"][0]["text"] == "r:1"
+
+
+def test_token_is_required_and_bodies_are_limited(server):
+    url, _ = server
+    call = {"requests": [{"trajectory_id": "x", "tool": "counter", "arguments": {}}]}
+    assert httpx.post(f"{url}/call", json=call).status_code == 401
+    assert httpx.post(f"{url}/call", json=call, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    huge = {"requests": [{"trajectory_id": "x", "tool": "counter", "arguments": {"pad": "x" * 5_000_000}}]}
+    assert httpx.post(f"{url}/call", json=huge, headers={"Authorization": "Bearer s3cret"}).status_code == 413
+    assert httpx.post(f"{url}/call", json={"requests": []}, headers={"Authorization": "Bearer s3cret"}).status_code == 422
+
+
+def test_server_binds_loopback_by_default(server):
+    _, port = server
+    out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if _has("ss") else ""
+    if out:
+        assert f"127.0.0.1:{port}" in out and f"0.0.0.0:{port}" not in out
+
+
+def _has(command: str) -> bool:
+    return subprocess.run(["which", command], capture_output=True).returncode == 0
+
+
+def test_client_survives_a_killed_and_restarted_server():
+    port = free_port()
+    process = start_server(port)
+    url = f"http://127.0.0.1:{port}"
+
+    async def main():
+        nonlocal process
+        executor = ToolExecutor(TOOLS.split(","), server_url=url)
+        session = executor.session("k")
+        before = await session.run([ToolCall("pid", {})])
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+        async def restart_later():
+            await asyncio.sleep(1.0)
+            return await asyncio.to_thread(start_server, port)
+
+        restarter = asyncio.create_task(restart_later())
+        during = await asyncio.gather(*(session.run([ToolCall("pid", {})]) for _ in range(5)))
+        process = await restarter
+        await executor.close()
+        return before[0], [r[0] for r in during]
+
+    try:
+        before, during = asyncio.run(main())
+    finally:
+        process.kill()
+        process.wait()
+    assert before.status == "ok"
+    assert all(r.status == "ok" for r in during), [(r.status, r.error) for r in during]
+    assert {r.observation.text for r in during} != {before.observation.text}  # answered by the new process
+
+
+def test_unreachable_server_is_an_infra_error():
+    from agentrl.client import ToolServerClient
+
+    async def main():
+        executor = ToolExecutor(TOOLS.split(","), server_url=f"http://127.0.0.1:{free_port()}")
+        executor._client = ToolServerClient(executor.server_url, attempts=3, max_wait_s=2)
+        (result,) = await executor.session("z").run([ToolCall("pid", {})])
+        await executor.close()
+        return result
+
+    result = asyncio.run(main())
+    assert result.status == "infra_error" and "unreachable" in result.error
