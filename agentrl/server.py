@@ -48,6 +48,45 @@ def encode_image(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+class BodyLimit:
+    """Refuse request bodies over a size limit with 413, whether or not they declare a length.
+
+    A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which costs a task per request)."""
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.max_body_bytes:
+            return await self._refuse(send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class _Sessions:
     """Sticky per-trajectory tool sessions with idle-TTL eviction."""
 
@@ -110,12 +149,7 @@ def create_app(
     app = FastAPI(title="agentrl tool server", lifespan=lifespan)
     app.state.sessions = sessions
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > max_body_bytes:
-            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
 
     def authorise(request: Request) -> None:
         if token is None:
@@ -166,4 +200,4 @@ def serve_tools(tool_names: list[str], host: str = "127.0.0.1", port: int = 8010
     import uvicorn
 
     app = create_app(tool_names, options, token=token, idle_ttl_s=idle_ttl_s)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -17,7 +17,7 @@ from agentrl.executor import ToolExecutor
 from agentrl.parsing import ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = "tests.helpers.demo_tools:Counter,tests.helpers.demo_tools:Pid,tests.helpers.demo_tools:Failing"
+TOOLS = "tests.helpers.demo_tools:Counter,tests.helpers.demo_tools:Pid,tests.helpers.demo_tools:Failing,tests.helpers.demo_tools:NoOp"
 
 
 def free_port() -> int:
