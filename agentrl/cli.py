@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Command groups; each is added to `app` at the bottom only once it has commands.
-serve_app = typer.Typer(help="Run a service: tools, sandbox or retriever.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run a service: tools, sandbox or retriever (127.0.0.1 by default).", no_args_is_help=True)
 tools_app = typer.Typer(help="List registered tools or call one.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect retrieval indexes.", no_args_is_help=True)
 
@@ -204,6 +204,25 @@ def serve_retriever_command(
     from agentrl.retrieval.server import serve_retriever
 
     serve_retriever(index, host=host, port=port, max_topk=max_topk, batching=batching)
+
+
+@serve_app.command("sandbox")
+def serve_sandbox_command(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8080,
+    backend: Annotated[str, typer.Option(help="bwrap, docker or process (trusted code only)")] = "bwrap",
+    workers: Annotated[int, typer.Option(help="executions at once (warm sandboxes)")] = 2,
+    queue: Annotated[int, typer.Option(help="requests that may wait; more get HTTP 429")] = 32,
+) -> None:
+    """Serve code execution with SandboxFusion's /run_code API."""
+    from agentrl.sandbox.base import SandboxUnavailable
+    from agentrl.sandbox.server import serve_sandbox
+
+    try:
+        serve_sandbox(backend, host=host, port=port, workers=workers, queue=queue)
+    except SandboxUnavailable as error:
+        error_console.print(f"[bold red]sandbox unavailable:[/] {error}")
+        raise typer.Exit(2) from None
 
 
 # -- command groups are registered last, once every command above has been defined ----------------

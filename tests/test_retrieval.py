@@ -99,3 +99,14 @@ def test_concurrent_requests_are_batched_and_all_correct(bm25_index):
         first = asyncio.run(main(url))
     assert all(q["entity"] in doc for q, doc in zip(qs, first))
     assert app.state.batcher.batches < len(qs)  # several requests shared a batch
+
+
+def test_batched_bm25_scores_equal_bm25s_own_retrieval(bm25_index):
+    from agentrl.retrieval.index import _tokenize
+
+    queries = [q["question"] for q in questions()[:40]]
+    ours = bm25_index.search(queries, 5)
+    indices, scores = bm25_index.bm25.retrieve(_tokenize(queries), k=5, show_progress=False)
+    for row, hits in enumerate(ours):
+        assert [h.score for h in hits] == pytest.approx(scores[row].tolist(), rel=1e-5)
+        assert hits[0].document == bm25_index.documents[int(indices[row][0])]

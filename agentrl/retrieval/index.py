@@ -83,11 +83,21 @@ class DocumentStore:
         np.save(directory / "offsets.npy", np.asarray(offsets, dtype=np.int64))
 
 
-def _tokenize(texts: list[str], show_progress: bool = False):
+def _tokenize(texts: list[str], show_progress: bool = False, return_ids: bool = True):
     import bm25s
+
+    return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(), show_progress=show_progress, return_ids=return_ids)
+
+
+_stemmers: list = []
+
+
+def _stemmer():
     import Stemmer
 
-    return bm25s.tokenize(texts, stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=show_progress)
+    if not _stemmers:
+        _stemmers.append(Stemmer.Stemmer("english"))
+    return _stemmers[0]
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER):
@@ -112,6 +122,7 @@ class Index:
         self.faiss_index = faiss_index
         self.embedder = embedder
         self.meta = meta or {}
+        self._term_scores = None
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -198,8 +209,42 @@ class Index:
         return [[Hit(self.documents[i], s) for i, s in row] for row in ranked]
 
     def _bm25(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
-        indices, scores = self.bm25.retrieve(_tokenize(queries), k=k, show_progress=False, n_threads=1)
-        return [[(int(i), float(s)) for i, s in zip(row_i, row_s)] for row_i, row_s in zip(indices, scores)]
+        """BM25 for a batch of queries as one sparse product: (queries x terms) @ (terms x docs).
+
+        bm25s precomputes every term's per-document score; a query's score for a document is the
+        sum over its distinct terms, so the whole batch is one sparse matrix product, and only the
+        documents sharing a term with a query are ever ranked.
+        """
+        import scipy.sparse as sp
+
+        if self._term_scores is None:
+            scores = self.bm25.scores
+            shape = (len(scores["indptr"]) - 1, int(scores["num_docs"]))
+            self._term_scores = sp.csr_matrix((scores["data"], scores["indices"], scores["indptr"]), shape=shape)
+        vocabulary = self.bm25.vocab_dict
+        rows, columns = [], []
+        for row, tokens in enumerate(_tokenize(queries, return_ids=False)):
+            for term in {vocabulary[t] for t in tokens if t in vocabulary}:
+                rows.append(row)
+                columns.append(term)
+        query_terms = sp.csr_matrix(
+            (np.ones(len(rows), dtype=np.float32), (rows, columns)), shape=(len(queries), self._term_scores.shape[0])
+        )
+        product = (query_terms @ self._term_scores).tocsr()
+        ranked = []
+        for row in range(len(queries)):
+            start, end = product.indptr[row], product.indptr[row + 1]
+            data, documents = product.data[start:end], product.indices[start:end]
+            if len(data) > k:
+                top = np.argpartition(-data, k - 1)[:k]
+                data, documents = data[top], documents[top]
+            order = np.lexsort((documents, -data))  # best score first; ties by document order
+            hits = [(int(documents[i]), float(data[i])) for i in order]
+            if len(hits) < k:  # like bm25s, always answer k documents: fill with score-0 ones
+                seen = {i for i, _ in hits}
+                hits += [(i, 0.0) for i in range(k + len(seen)) if i not in seen][: k - len(hits)]
+            ranked.append(hits)
+        return ranked
 
     def _dense(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
         vectors = self.embedder.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)

@@ -1,0 +1,161 @@
+"""The bubblewrap backend: untrusted code in fresh namespaces, from a warm pool of zygotes.
+
+Each worker is ``bwrap`` started as its own unprivileged host uid (so RLIMIT_NPROC caps a fork bomb
+per worker, and no worker can signal another's processes) with new user, pid, net, ipc, uts and
+cgroup namespaces (the only interface is ``lo``), no capabilities, ``--die-with-parent``, a fresh
+session, a cleared environment, read-only binds of the interpreter and the Python packages it may
+import (nothing of the project, nothing under ``/root``), and a size-limited tmpfs as the only
+writable place. Inside, :mod:`agentrl.sandbox.worker` forks a child per job with rlimits (CPU
+seconds, address space, processes, file size, open files) and kills the whole process tree after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import stat
+import struct
+import sys
+from pathlib import Path
+
+from agentrl.sandbox.base import DEFAULT_MAX_OUTPUT_BYTES, SandboxUnavailable
+from agentrl.sandbox.pool import PooledBackend, Worker
+
+WORKER = Path(__file__).with_name("worker.py")
+SANDBOX_SITE = "/opt/site"
+SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
+
+
+# Syscalls that would let a job reach another process of its sandbox (the zygote, bwrap's init)
+# and plant state for later jobs: ptrace, process_vm_readv, process_vm_writev.
+_SECCOMP = {
+    "x86_64": (0xC000003E, (101, 310, 311)),
+    "aarch64": (0xC00000B7, (117, 270, 271)),
+}
+
+
+def seccomp_program() -> bytes:
+    """A classic-BPF seccomp filter: EPERM for the syscalls above, kill on a foreign architecture
+    (and for x32 syscall numbers), allow everything else."""
+    machine = platform.machine()
+    if machine not in _SECCOMP:
+        raise SandboxUnavailable(f"no seccomp filter for {machine}; the bwrap backend supports x86_64 and aarch64")
+    arch, denied = _SECCOMP[machine]
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050001
+
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("<HBBI", code, jt, jf, k)
+
+    checks = len(denied) + 1  # the x32 range check plus one comparison per syscall
+    program = [op(load, 4), op(jeq, arch, 1, 0), op(ret, kill), op(load, 0), op(jge, 0x40000000, checks, 0)]
+    for position, number in enumerate(denied):
+        program.append(op(jeq, number, checks - 1 - position, 0))
+    program += [op(ret, allow), op(ret, eperm)]
+    return b"".join(program)
+
+
+def _world_readable(path: Path) -> bool:
+    """Can an unprivileged uid reach this path (every parent searchable, the file readable)?"""
+    try:
+        path = path.resolve()
+        for parent in reversed(path.parents):
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                return False
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False
+
+
+def find_interpreter() -> Path:
+    """A Python of the host's major.minor version that an unprivileged uid can execute, so the
+    host's compiled packages (numpy) import inside the sandbox."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [Path(sys.executable).resolve(), Path(f"/usr/bin/python{version}"), Path(f"/usr/local/bin/python{version}")]
+    for candidate in candidates:
+        if candidate.is_file() and _world_readable(candidate):
+            return candidate.resolve()
+    raise SandboxUnavailable(
+        f"no Python {version} that an unprivileged user can run (tried {', '.join(map(str, candidates))}); "
+        f"install one, e.g. apt-get install python{version}"
+    )
+
+
+def package_binds(packages: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(host path, sandbox path) of each importable package, plus numpy-style ``<pkg>.libs`` dirs."""
+    binds = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        location = Path(next(iter(spec.submodule_search_locations)))
+        binds.append((location, f"{SANDBOX_SITE}/{location.name}"))
+        libs = location.with_name(f"{location.name}.libs")
+        if libs.is_dir():
+            binds.append((libs, f"{SANDBOX_SITE}/{libs.name}"))
+    return binds
+
+
+class BwrapBackend(PooledBackend):
+    """Options: ``pool_size`` (warm zygotes), ``packages`` importable inside (numpy by default),
+    ``tmpfs_mb`` (the writable work area), ``max_processes`` per sandbox, ``uid_base``."""
+
+    name = "bwrap"
+
+    def __init__(self, pool_size: int = 2, packages: tuple[str, ...] = ("numpy",), tmpfs_mb: int = 64,
+                 max_processes: int = 32, uid_base: int = 61000, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+                 preload: tuple[str, ...] = ("numpy",)) -> None:
+        super().__init__(pool_size, max_processes, tmpfs_mb, uid_base, max_output_bytes)
+        self.bwrap = shutil.which("bwrap")
+        if self.bwrap is None:
+            raise SandboxUnavailable("the bwrap backend needs bubblewrap: apt-get install bubblewrap")
+        self.interpreter = find_interpreter()
+        self._seccomp = seccomp_program()
+        self.packages = tuple(packages)
+        self.preload = tuple(p for p in preload if p in self.packages)
+        self._replenish()
+
+    # -- command ---------------------------------------------------------------------------
+
+    def start_worker(self, mode: str, slot: int, memory_mb: int = 512) -> Worker:
+        read_end, write_end = os.pipe()
+        os.write(write_end, self._seccomp)
+        os.close(write_end)
+        try:
+            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), self.uid(slot), self.max_processes,
+                            self.environment(), pass_fds=(read_end,))
+        finally:
+            os.close(read_end)
+        worker.slot = slot
+        return worker
+
+    def command(self, mode: str, memory_mb: int = 512, seccomp_fd: int | None = None) -> list[str]:
+        interpreter_root = self.interpreter.parents[1]  # e.g. /usr for /usr/bin/python3.11
+        command = [
+            self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--clearenv", "--hostname", "sandbox", "--uid", "1000", "--gid", "1000",
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", str(self.tmpfs_mb * 1024 * 1024), "--tmpfs", "/tmp",
+        ]
+        for path in SYSTEM_BINDS:
+            if os.path.exists(path):
+                command += ["--ro-bind", path, path]
+        if not str(self.interpreter).startswith(("/usr/", "/bin/", "/lib")):
+            command += ["--ro-bind", str(interpreter_root), str(interpreter_root)]
+        for host, inside in package_binds(self.packages):
+            command += ["--ro-bind", str(host), inside]
+        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py"]
+        environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": SANDBOX_SITE,
+                       "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                       "AGENTRL_SANDBOX_ROOT": "/tmp", "AGENTRL_PID_NAMESPACE": "1"}
+        for key, value in environment.items():
+            command += ["--setenv", key, value]
+        if seccomp_fd is not None:
+            command += ["--seccomp", str(seccomp_fd)]
+        command += ["--chdir", "/tmp", str(self.interpreter), "-s", "-S", "/opt/agentrl/worker.py", mode, str(memory_mb)]
+        if mode == "pool":
+            command += list(self.preload)
+        return command
+

@@ -1,0 +1,129 @@
+"""The sandbox server, speaking SandboxFusion's ``POST /run_code`` so that existing SandboxFusion
+clients (verl's, SPEAR's) work against it unchanged.
+
+Request: ``code``, ``language`` (``python``), ``run_timeout``, ``memory_limit_MB``, ``stdin``,
+``files`` (name -> base64). Response: ``status`` (``Success`` / ``Failed`` / ``SandboxError``),
+``message``, ``compile_result`` (null), ``run_result`` {``status`` (``Finished`` /
+``TimeLimitExceeded`` / ``Error``), ``execution_time``, ``return_code``, ``stdout``, ``stderr``},
+``files``. At most ``workers`` executions run at once and ``queue`` more wait; beyond that the
+answer is HTTP 429, so a burst never grows memory without bound.
+"""
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import time
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from agentrl.sandbox.base import Backend
+
+
+class RunCodeRequest(BaseModel):
+    code: str = Field(max_length=1_000_000)
+    language: str = "python"
+    compile_timeout: float = 10.0
+    run_timeout: float = Field(10.0, gt=0, le=300)
+    memory_limit_MB: int = Field(512, gt=0, le=16384)
+    stdin: str | None = None
+    files: dict[str, str] = {}
+    fetch_files: list[str] = []
+
+
+def run_code_response(result, error: str | None = None) -> dict[str, Any]:
+    if error is not None:
+        return {"status": "SandboxError", "message": error, "compile_result": None, "run_result": None, "files": {}}
+    if result.timed_out:
+        run_status = "TimeLimitExceeded"
+    elif result.return_code == 0:
+        run_status = "Finished"
+    else:
+        run_status = "Error"
+    return {
+        "status": "Success" if run_status == "Finished" else "Failed",
+        "message": "",
+        "compile_result": None,
+        "run_result": {
+            "status": run_status,
+            "execution_time": result.duration_s,
+            "return_code": result.return_code,
+            "stdout": result.stdout,
+            "stderr": result.stderr,
+        },
+        "files": {},
+    }
+
+
+def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
+    slots = asyncio.Semaphore(workers)
+    admitted = {"count": 0}
+    registry = CollectorRegistry()
+    runs = Counter("agentrl_sandbox_runs", "Executions by outcome", ["status"], registry=registry)
+    rejected = Counter("agentrl_sandbox_rejected", "Requests refused with 429", registry=registry)
+    latency = Histogram("agentrl_sandbox_seconds", "Execution time", registry=registry)
+    in_flight = Gauge("agentrl_sandbox_in_flight", "Admitted executions (running or queued)", registry=registry)
+    in_flight.set_function(lambda: admitted["count"])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(backend.close)
+
+    app = FastAPI(title="agentrl sandbox", lifespan=lifespan)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "backend": backend.name, "in_flight": admitted["count"]}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/run_code")
+    async def run_code(request: RunCodeRequest):
+        if request.language not in ("python", "python3"):
+            return run_code_response(None, f"language {request.language!r} is not supported; use python")
+        if admitted["count"] >= workers + queue:
+            rejected.inc()
+            return JSONResponse({"status": "SandboxError", "message": "the sandbox queue is full; retry later"},
+                                status_code=429, headers={"Retry-After": "1"})
+        try:
+            files = {name: base64.b64decode(data, validate=True) for name, data in request.files.items()}
+        except (binascii.Error, ValueError):
+            return run_code_response(None, "files must be base64-encoded")
+        admitted["count"] += 1
+        try:
+            async with slots:
+                started = time.perf_counter()
+                result = await asyncio.to_thread(backend.run, request.code, request.stdin or "", files,
+                                                 request.run_timeout, request.memory_limit_MB)
+                latency.observe(time.perf_counter() - started)
+        except Exception as error:  # the backend failed, not the code
+            runs.labels("SandboxError").inc()
+            return run_code_response(None, f"{type(error).__name__}: {error}")
+        finally:
+            admitted["count"] -= 1
+        if result.sandbox_error:
+            runs.labels("SandboxError").inc()
+            return run_code_response(None, result.sandbox_error)
+        response = run_code_response(result)
+        runs.labels(response["run_result"]["status"]).inc()
+        return response
+
+    return app
+
+
+def serve_sandbox(backend_name: str = "bwrap", host: str = "127.0.0.1", port: int = 8080, workers: int = 2,
+                  queue: int = 32) -> None:
+    import uvicorn
+
+    from agentrl.sandbox.base import get_backend
+
+    options = {} if backend_name == "docker" else {"pool_size": workers}
+    backend = get_backend(backend_name, **options)
+    uvicorn.run(create_app(backend, workers, queue), host=host, port=port, log_level="warning", access_log=False)
