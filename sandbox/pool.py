@@ -12,10 +12,16 @@ import subprocess
 import threading
 import time
 from abc import abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 
 from agentrl.sandbox.base import DEFAULT_MAX_OUTPUT_BYTES, Backend, RunResult, SandboxUnavailable, Session
 
 _session_ids = itertools.count()
+
+# bubblewrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that started
+# the process exits. Workers are therefore always started from this one long-lived thread, never
+# from a short-lived thread such as asyncio.to_thread's.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrl-sandbox-spawner")
 
 
 class Worker:
@@ -32,9 +38,10 @@ class Worker:
             resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
         preexec = demote if uid is not None and os.geteuid() == 0 else None
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        preexec_fn=preexec, start_new_session=True, text=True, bufsize=1, env=env,
-                                        pass_fds=pass_fds)
+        self.process = _spawner.submit(
+            subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=preexec, start_new_session=True, text=True, bufsize=1, env=env, pass_fds=pass_fds,
+        ).result()
         self.lock = threading.Lock()
         ready = self._read_line(30.0)
         if ready is None or not ready.get("ready"):

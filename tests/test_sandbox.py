@@ -229,3 +229,17 @@ def test_docker_backend_refuses_without_an_engine():
 def test_result_summary_for_the_model():
     assert RunResult(stdout="3\n", return_code=0).for_model() == "3"
     assert RunResult(return_code=0).for_model() == "(no output)"
+
+
+def test_workers_outlive_the_thread_that_started_them():
+    # bubblewrap's --die-with-parent follows the starting *thread*; asyncio.to_thread's threads come and go.
+    created = []
+    thread = threading.Thread(target=lambda: created.append(get_backend("bwrap", pool_size=1)))
+    thread.start()
+    thread.join()
+    backend = created[0]
+    try:
+        time.sleep(0.2)
+        assert backend.run("print('alive')").stdout == "alive\n"
+    finally:
+        backend.close()

@@ -1,0 +1,84 @@
+"""The sandbox server speaks SandboxFusion's /run_code and pushes back under a burst; the python
+tool works with the <python> tag and JSON tool calls, in-process and through the server."""
+
+import asyncio
+import base64
+import shutil
+
+import httpx
+import pytest
+
+from agentrl.executor import ToolExecutor
+from agentrl.parsing import ActionParser
+from agentrl.sandbox.base import get_backend
+from agentrl.sandbox.server import create_app
+from tests.helpers.servers import serve_app
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = create_app(get_backend("bwrap", pool_size=2), workers=2, queue=2)
+    with serve_app(app) as url:
+        yield url
+
+
+def test_run_code_success_in_sandboxfusion_format(server):
+    payload = {"code": "import sys\nprint(sys.stdin.read() + open('in.txt').read())", "language": "python",
+               "run_timeout": 5, "memory_limit_MB": 256, "stdin": "a", "files": {"in.txt": base64.b64encode(b"b").decode()}}
+    body = httpx.post(f"{server}/run_code", json=payload, timeout=30).json()
+    assert body["status"] == "Success" and body["compile_result"] is None and body["files"] == {}
+    run = body["run_result"]
+    assert run["status"] == "Finished" and run["return_code"] == 0 and run["stdout"] == "ab\n" and run["stderr"] == ""
+    assert isinstance(run["execution_time"], float)
+
+
+def test_failures_and_timeouts(server):
+    failed = httpx.post(f"{server}/run_code", json={"code": "raise ValueError('bad')", "language": "python"}, timeout=30).json()
+    assert failed["status"] == "Failed" and failed["run_result"]["status"] == "Error"
+    assert failed["run_result"]["return_code"] == 1 and "ValueError: bad" in failed["run_result"]["stderr"]
+    slow = httpx.post(f"{server}/run_code", json={"code": "while True: pass", "run_timeout": 1}, timeout=30).json()
+    assert slow["status"] == "Failed" and slow["run_result"]["status"] == "TimeLimitExceeded"
+    other = httpx.post(f"{server}/run_code", json={"code": "int main(){}", "language": "cpp"}, timeout=30).json()
+    assert other["status"] == "SandboxError" and "not supported" in other["message"]
+
+
+def test_burst_gets_429_instead_of_unbounded_queueing(server):
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            requests = [client.post(f"{server}/run_code", json={"code": "import time; time.sleep(0.5)", "run_timeout": 5})
+                        for _ in range(12)]
+            return await asyncio.gather(*requests)
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert codes.count(200) >= 4 and codes.count(429) >= 4  # 2 running + 2 queued admitted at a time
+    assert set(codes) <= {200, 429}
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "agentrl_sandbox_rejected_total" in metrics
+    assert httpx.post(f"{server}/run_code", json={"code": "print(1)"}, timeout=30).json()["status"] == "Success"
+
+
+def run_turn(text, options, fmt="xml"):
+    async def main():
+        executor = ToolExecutor(["python"], {"python": options})
+        parser = ActionParser(fmt, {"python": "python"} if fmt == "xml" else None, "answer",
+                              {"python": executor.tool_classes["python"].schema()})
+        parsed = parser.parse(text)
+        async with executor.session("t") as session:
+            return [await session.run([call]) for call in parsed.calls]
+
+    return [r[0] for r in asyncio.run(main())]
+
+
+def test_python_tool_with_tags_and_sessions():
+    results = run_turn("<python>x = 20</python> then <python>print(x + 22)</python>", {"session": True})
+    assert results[1].observation.text == "42"
+    fresh = run_turn("<python>x = 20</python> <python>print(x)</python>", {})
+    assert "NameError" in fresh[1].observation.text  # without a session every call starts clean
+
+
+def test_python_tool_with_json_calls_through_the_server(server):
+    text = '<tool_call>{"name": "python", "arguments": {"code": "print(sum(range(10)))"}}</tool_call>'
+    (result,) = run_turn(text, {"server_url": server}, fmt="json")
+    assert result.status == "ok" and result.observation.text == "45"
