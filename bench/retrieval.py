@@ -122,6 +122,8 @@ def main() -> None:
     hits = sum(h[0].document["contents"].startswith(q) for q, h in zip(queries[:512], batch))
     print(f"BM25 top-1 is the queried passage for {hits}/512 queries")
 
+    if args.dense_passages <= 0:
+        return
     documents = list(read_corpus(work / "corpus.jsonl"))[: args.dense_passages]
     started = time.perf_counter()
     dense = Index.from_documents(documents, "dense")

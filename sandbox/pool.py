@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import queue
+import select
 import subprocess
 import threading
 import time
@@ -58,13 +59,12 @@ class Worker:
         return ""
 
     def _read_line(self, timeout: float) -> dict | None:
-        result: list[str] = []
-        reader = threading.Thread(target=lambda: result.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not result or not result[0]:
+        # One reply per request, so nothing is ever left buffered between calls: select is exact.
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
             return None
-        return json.loads(result[0])
+        line = self.process.stdout.readline()
+        return json.loads(line) if line else None
 
     def request(self, job: dict, timeout: float) -> dict | None:
         """Send a job; ``None`` if the worker died or did not answer in time (then it is killed)."""
