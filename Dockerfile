@@ -1,4 +1,4 @@
-# The agentrl image: trainer, tool server and retriever (CPU build of torch; GPU images add the
+# The agentrl image: tool server and retriever (CPU build of torch; GPU images add the
 # `gpu` extra on top of a CUDA base).
 FROM python:3.11-slim
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends bubblewrap \
@@ -9,7 +9,6 @@ COPY agentrl agentrl
 COPY tools tools
 COPY envs envs
 COPY sandbox sandbox
-COPY configs configs
 ARG TORCH_SPEC="torch==2.13.0"
 RUN pip install --no-cache-dir "$TORCH_SPEC" \
     && pip install --no-cache-dir ".[dense]" \
