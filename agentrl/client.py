@@ -33,7 +33,7 @@ def decode_images(encoded: list[str]) -> list[Any]:
 
 
 class ToolServerClient:
-    def __init__(self, url: str, token: str | None = None, attempts: int = 8, max_wait_s: float = 30.0,
+    def __init__(self, url: str, token: str | None = None, attempts: int | None = None, max_wait_s: float = 30.0,
                  max_connections: int = 256) -> None:
         self.url = url.rstrip("/")
         self.token = token
@@ -63,7 +63,8 @@ class ToolServerClient:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_transient),
                 wait=wait_random_exponential(multiplier=0.1, max=2.0),
-                stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_wait_s),
+                # A restarting server is waited for up to max_wait_s, however many attempts that takes.
+                stop=stop_after_delay(self.max_wait_s) | stop_after_attempt(self.attempts or 10**9),
                 reraise=False,
             ):
                 with attempt:
