@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,9 +26,9 @@ index_app = typer.Typer(help="Build and inspect retrieval indexes.", no_args_is_
 console = Console()
 error_console = Console(stderr=True)
 
-ConfigArg = Annotated[Optional[str], typer.Argument(help="YAML run config (omit for all defaults)")]
+ConfigArg = Annotated[str | None, typer.Argument(help="YAML run config (omit for all defaults)")]
 OverridesArg = Annotated[
-    Optional[list[str]], typer.Argument(help="dotted overrides, e.g. trainer.lr=1e-6 rollout.max_turns=4")
+    list[str] | None, typer.Argument(help="dotted overrides, e.g. trainer.lr=1e-6 rollout.max_turns=4")
 ]
 
 
@@ -79,7 +79,7 @@ def _parse_options(pairs: list[str] | None) -> dict:
 
 @tools_app.command("list")
 def tools_list(
-    tool: Annotated[Optional[list[str]], typer.Option("--tool", help="also list this module:Class tool")] = None,
+    tool: Annotated[list[str] | None, typer.Option("--tool", help="also list this module:Class tool")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the schemas as JSON")] = False,
 ) -> None:
     """Print every registered tool (and any --tool module:Class) with its schema."""
@@ -114,8 +114,8 @@ def tools_list(
 def tools_call(
     name: Annotated[str, typer.Argument(help="tool name (or module:Class)")],
     arguments: Annotated[str, typer.Argument(help='JSON arguments, e.g. \'{"query": "x"}\'')] = "{}",
-    tool: Annotated[Optional[list[str]], typer.Option("--tool", help="load a module:Class tool")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", help="tool option key=value")] = None,
+    tool: Annotated[list[str] | None, typer.Option("--tool", help="load a module:Class tool")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="tool option key=value")] = None,
     metadata: Annotated[str, typer.Option(help="JSON task metadata for the tool, e.g. a db_path")] = "{}",
 ) -> None:
     """Run one tool call and print the observation (debug a tool before training with it)."""
@@ -158,7 +158,7 @@ def serve_tools_command(
     tools: Annotated[str, typer.Option(help="comma-separated tool names or module:Class paths")] = "python,search,sql",
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8010,
-    token: Annotated[Optional[str], typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
+    token: Annotated[str | None, typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
     idle_ttl: Annotated[float, typer.Option(help="seconds before an idle trajectory's tools are released")] = 600.0,
 ) -> None:
     """Serve tool calls over HTTP, sticky per trajectory."""

@@ -13,7 +13,14 @@ import io
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from agentrl.tool import InfraError, Observation, ToolError
 

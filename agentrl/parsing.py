@@ -88,7 +88,7 @@ class ActionParser:
         result = ParseResult()
         tags = list(self.tags) if self.format == "xml" else ["tool_call"]
         names = tags + ([self.answer_tag] if self.answer_tag else [])
-        pattern = re.compile(r"<(%s)>(.*?)</\1>" % "|".join(map(re.escape, names)), re.DOTALL)
+        pattern = re.compile(r"<({})>(.*?)</\1>".format("|".join(map(re.escape, names))), re.DOTALL)
         consumed = []
         for match in pattern.finditer(visible):
             tag, body = match.group(1), match.group(2)

@@ -15,9 +15,10 @@ import difflib
 import importlib
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import docstring_parser
 from pydantic import ConfigDict, Field, ValidationError, create_model

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentrl.envs.base import Env, Reward, Task, load_rows
+
 from agentrl.trajectory import Trajectory
 
 DATA_DIR = Path(__file__).parent / "data" / "fictional"

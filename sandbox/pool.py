@@ -15,7 +15,13 @@ import time
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
-from agentrl.sandbox.base import DEFAULT_MAX_OUTPUT_BYTES, Backend, RunResult, SandboxUnavailable, Session
+from agentrl.sandbox.base import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    Backend,
+    RunResult,
+    SandboxUnavailable,
+    Session,
+)
 
 _session_ids = itertools.count()
 

@@ -16,12 +16,18 @@ import contextlib
 import time
 from typing import Any
 
+from agentrl.sandbox.base import Backend
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, Field
-
-from agentrl.sandbox.base import Backend
 
 
 class RunCodeRequest(BaseModel):
@@ -121,7 +127,6 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
 def serve_sandbox(backend_name: str = "bwrap", host: str = "127.0.0.1", port: int = 8080, workers: int = 2,
                   queue: int = 32) -> None:
     import uvicorn
-
     from agentrl.sandbox.base import get_backend
 
     options = {} if backend_name == "docker" else {"pool_size": workers}

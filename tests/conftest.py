@@ -2,7 +2,8 @@
 
 import pytest
 
-from agentrl.models import load_tokenizer, tiny_model as make_tiny_model
+from agentrl.models import load_tokenizer
+from agentrl.models import tiny_model as make_tiny_model
 
 
 @pytest.fixture(scope="session")

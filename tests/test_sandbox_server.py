@@ -7,11 +7,11 @@ import shutil
 
 import httpx
 import pytest
+from agentrl.sandbox.base import get_backend
+from agentrl.sandbox.server import create_app
 
 from agentrl.executor import ToolExecutor
 from agentrl.parsing import ActionParser
-from agentrl.sandbox.base import get_backend
-from agentrl.sandbox.server import create_app
 from tests.helpers.servers import serve_app
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")

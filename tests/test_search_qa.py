@@ -5,8 +5,14 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from agentrl.envs.search_qa import (
+    SEARCH_R1_PROMPT,
+    SearchQAEnv,
+    exact_match,
+    f1_score,
+    normalize_answer,
+)
 
-from agentrl.envs.search_qa import SEARCH_R1_PROMPT, SearchQAEnv, exact_match, f1_score, normalize_answer
 from agentrl.trajectory import Trajectory
 
 

@@ -2,11 +2,12 @@
 
 import asyncio
 
+from agentrl.tools.search import SearchTool, format_results
+
 from agentrl.executor import ToolExecutor
 from agentrl.parsing import ToolCall
 from agentrl.retrieval.index import Index, read_corpus
 from agentrl.retrieval.server import create_app
-from agentrl.tools.search import SearchTool, format_results
 from tests.helpers.servers import free_port, serve_app
 
 

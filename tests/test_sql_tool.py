@@ -5,11 +5,11 @@ import hashlib
 import sqlite3
 
 import pytest
+from agentrl.tools.sql import check_read_only, execution_match
 
 from agentrl.executor import ToolExecutor
 from agentrl.parsing import ToolCall
 from agentrl.tool import ToolContext, ToolError
-from agentrl.tools.sql import check_read_only, execution_match
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from typing import Literal, Optional
+from typing import Literal
 
 import pydantic
 import pytest
@@ -38,7 +38,7 @@ class Everything(Tool):
         mode: Literal["fast", "slow"],
         color: Color,
         box: Box,
-        maybe: Optional[str] = None,
+        maybe: str | None = None,
         limit: int = 5,
     ) -> str:
         """

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from agentrl.sandbox.base import Backend, RunResult, SandboxUnavailable, get_backend
+
 from agentrl.tool import InfraError, Tool, ToolContext
 
 _backends: dict[str, Backend] = {}
@@ -68,7 +69,13 @@ class PythonTool(Tool):
 
     async def _remote(self, code: str, timeout: float, memory_mb: int) -> RunResult:
         import httpx
-        from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+        from tenacity import (
+            AsyncRetrying,
+            RetryError,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_random_exponential,
+        )
 
         payload = {"code": code, "language": "python", "run_timeout": timeout, "memory_limit_MB": memory_mb}
         try:

@@ -120,7 +120,13 @@ class SearchTool(Tool):
 
     async def _remote(self, query: str) -> list[dict[str, Any]]:
         import httpx
-        from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+        from tenacity import (
+            AsyncRetrying,
+            RetryError,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_random_exponential,
+        )
 
         payload = {"queries": [query], "topk": self.topk, "return_scores": False}
         try:
