@@ -1,0 +1,194 @@
+"""The agent loop: observation tokens masked and model tokens not, the token stream equal to the
+rendered conversation, budgets honoured, slow tools not stalling others, infra errors excluded."""
+
+import asyncio
+import time
+
+import pytest
+
+from agentrl.config import RolloutConfig, ToolsConfig
+from agentrl.envs.search_qa import SearchQAEnv
+from agentrl.executor import ToolExecutor
+from agentrl.rollout import RolloutWorker
+from tests.helpers.scripted import ScriptedEngine
+
+QUESTION = {"id": "q0", "question": "What was the profession of Laskam Glimbys?", "golden_answers": ["beekeeper"]}
+
+
+def search_then_answer(conversation: str) -> str:
+    if "<information>" not in conversation.split("Question:")[-1]:
+        return "I will look it up. <search> Laskam Glimbys </search>"
+    return "<answer> beekeeper </answer>"
+
+
+def worker(tokenizer, script, tools=("search",), env=None, delay=0.0, **rollout):
+    env = env or SearchQAEnv(prompt="short")
+    engine = ScriptedEngine(tokenizer, script, delay)
+    return RolloutWorker(engine, tokenizer, env, ToolExecutor(list(tools)), RolloutConfig(**rollout), ToolsConfig())
+
+
+def spans_text(tokenizer, trajectory, role):
+    return [tokenizer.decode(trajectory.response_ids[s.start:s.end]) for s in trajectory.turns if s.role == role]
+
+
+def test_xml_observations_are_masked_and_model_tokens_are_not(tokenizer):
+    rollout = worker(tokenizer, search_then_answer)
+    task = rollout.env.make_task(QUESTION, 0)
+    trajectory = asyncio.run(rollout.run_trajectory(task))
+    trajectory.validate()
+    assert trajectory.stop_reason == "answer" and trajectory.answer == "beekeeper" and trajectory.reward == 1.0
+    model = spans_text(tokenizer, trajectory, "assistant")
+    observations = spans_text(tokenizer, trajectory, "observation")
+    assert model == ["I will look it up. <search> Laskam Glimbys </search>", "<answer> beekeeper </answer>"]
+    assert len(observations) == 1 and observations[0].startswith("\n\n<information>Doc 1(Title: Laskam Glimbys)")
+    for span in trajectory.turns:
+        mask = trajectory.loss_mask[span.start:span.end]
+        assert set(mask) == ({1} if span.role == "assistant" else {0})
+    assert [c.tool for c in trajectory.tool_calls] == ["search"] and trajectory.tool_calls[0].status == "ok"
+
+
+def test_decoded_stream_equals_the_rendered_conversation(tokenizer):
+    rollout = worker(tokenizer, search_then_answer)
+    task = rollout.env.make_task(QUESTION, 0)
+    trajectory = asyncio.run(rollout.run_trajectory(task))
+    prompt = tokenizer.apply_chat_template(task.messages, add_generation_prompt=True, tokenize=False)
+    model = spans_text(tokenizer, trajectory, "assistant")
+    observation = spans_text(tokenizer, trajectory, "observation")[0]
+    assert tokenizer.decode(trajectory.input_ids) == prompt + model[0] + observation + model[1]
+
+
+def test_sampled_ids_are_kept_across_bpe_boundaries(tokenizer):
+    whole = tokenizer.encode(" Paris", add_special_tokens=False)
+    pieces = [tokenizer.encode(piece, add_special_tokens=False) for piece in ("<answer>", " Par", "is", " </answer>")]
+    sampled = [i for piece in pieces for i in piece]
+    assert len(whole) == 1 and whole != pieces[1] + pieces[2]  # the policy sampled " Par" + "is"
+    rollout = worker(tokenizer, lambda conversation: sampled)
+    trajectory = asyncio.run(rollout.run_trajectory(rollout.env.make_task(QUESTION, 0)))
+    assert trajectory.response_ids == sampled  # exactly what was sampled
+    text = tokenizer.decode(trajectory.response_ids)
+    assert tokenizer.encode(text, add_special_tokens=False) != sampled  # re-tokenising would change the ids
+    assert trajectory.answer == "Paris"
+
+
+def test_json_tool_calls_follow_the_chat_template(tokenizer):
+    from agentrl.envs.base import Env, Reward, Task
+
+    class JsonEnv(Env):
+        name, tools, action_format = "json_env", ("search",), "json"
+
+        def make_task(self, row, index):
+            return Task(id="j", messages=[{"role": "user", "content": "Who is Laskam Glimbys?"}])
+
+        def reward(self, task, trajectory):
+            return Reward(float(trajectory.answer is not None))
+
+    call = '<tool_call>{"name": "search", "arguments": {"query": "Laskam Glimbys"}}</tool_call>'
+
+    def script(conversation):
+        return call if "<|im_start|>tool" not in conversation else "<answer>a beekeeper</answer><|im_end|>"
+
+    rollout = worker(tokenizer, script, env=JsonEnv())
+    task = rollout.env.make_task({}, 0)
+    trajectory = asyncio.run(rollout.run_trajectory(task))
+    assert trajectory.stop_reason == "answer" and trajectory.reward == 1.0
+    tool_text = spans_text(tokenizer, trajectory, "observation")[0]
+    expected = tokenizer.apply_chat_template(
+        task.messages + [{"role": "assistant", "content": call}, {"role": "tool", "content": tool_text.split("\n", 1)[1].rsplit("<|im_end|>", 1)[0]}],
+        tools=rollout.executor.schemas, add_generation_prompt=True, tokenize=False,
+    )
+    assert tokenizer.decode(trajectory.input_ids[: trajectory.turns[-1].start + len(trajectory.prompt_ids)]) == expected
+    assert [s.role for s in trajectory.turns] == ["assistant", "template", "observation", "assistant"]
+
+
+def test_max_turns_runs_no_tool_on_the_last_turn(tokenizer):
+    rollout = worker(tokenizer, lambda c: "<search> Drournix </search>", max_turns=3)
+    trajectory = asyncio.run(rollout.run_trajectory(rollout.env.make_task(QUESTION, 0)))
+    assert trajectory.stop_reason == "max_turns" and trajectory.num_turns == 3
+    assert len(trajectory.tool_calls) == 2  # turns 0 and 1; the last turn is told to answer instead
+    assert "No more searches" in spans_text(tokenizer, trajectory, "observation")[-1]
+
+
+def test_token_budgets_stop_with_their_reason(tokenizer):
+    long_text = "word " * 50 + "<search> x </search>"
+    per_turn = worker(tokenizer, lambda c: long_text, max_new_tokens=10)
+    trajectory = asyncio.run(per_turn.run_trajectory(per_turn.env.make_task(QUESTION, 0)))
+    assert trajectory.stop_reason == "max_new_tokens" and trajectory.status == "truncated" and len(trajectory.response_ids) == 10
+    whole = worker(tokenizer, lambda c: "<search> Drournix </search>", max_response_tokens=30, max_turns=10)
+    trajectory = asyncio.run(whole.run_trajectory(whole.env.make_task(QUESTION, 0)))
+    assert trajectory.stop_reason == "max_response_tokens" and trajectory.status == "truncated"
+
+
+def test_observations_are_cut_to_the_token_budget(tokenizer):
+    rollout = worker(tokenizer, search_then_answer)
+    rollout.tools_config = ToolsConfig(max_observation_tokens=12, observation_truncation="tail")
+    trajectory = asyncio.run(rollout.run_trajectory(rollout.env.make_task(QUESTION, 0)))
+    observation = spans_text(tokenizer, trajectory, "observation")[0]
+    assert "tokens truncated" in observation and len(tokenizer.encode(observation)) < 45
+
+
+def test_a_slow_tool_does_not_delay_other_trajectories(tokenizer):
+    from agentrl.envs.base import Reward, Task
+
+    class SleepEnv(SearchQAEnv):
+        tools = ("tests.helpers.demo_tools:Sleeper",)
+        tags = {"sleep": "sleeper"}
+
+        def make_task(self, row, index):
+            return Task(id=row["id"], messages=[{"role": "user", "content": row["id"]}], answer=["done"])
+
+        def reward(self, task, trajectory):
+            return Reward(1.0)
+
+    def script(conversation):
+        slow = "user\nslow" in conversation
+        turns = conversation.count("<information>")
+        if turns >= (1 if slow else 3):
+            return "<answer>done</answer>"
+        return f"<sleep>{2.0 if slow else 0.05}</sleep>"
+
+    env = SleepEnv()
+    rollout = RolloutWorker(ScriptedEngine(tokenizer, script, 0.01), tokenizer, env,
+                            ToolExecutor(["tests.helpers.demo_tools:Sleeper"]), RolloutConfig(max_turns=5), ToolsConfig())
+    finished = {}
+
+    async def main():
+        async def one(name):
+            await rollout.run_trajectory(env.make_task({"id": name}, 0))
+            finished[name] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        await asyncio.gather(one("slow"), one("fast"))
+
+    asyncio.run(main())
+    assert finished["fast"] < 1.0 < 2.0 <= finished["slow"]
+
+
+def test_infra_error_is_excluded_from_the_loss_and_counted(tokenizer):
+    rollout = worker(tokenizer, lambda c: "<search> x </search>")
+    rollout.executor = ToolExecutor(["search"], {"search": {"server_url": "http://127.0.0.1:9", "attempts": 1}})
+    batch = asyncio.run(rollout.run_batch([rollout.env.make_task(QUESTION, 0)], group_size=2))
+    assert all(t.status == "infra_error" and not t.trainable for t in batch.trajectories)
+    assert batch.metrics["status/infra_error"] == 1.0 and "reward_mean" not in batch.metrics
+
+
+def test_groups_and_metrics(tokenizer):
+    rollout = worker(tokenizer, search_then_answer)
+    tasks = [rollout.env.make_task(QUESTION, 0), rollout.env.make_task({**QUESTION, "id": "q1"}, 1)]
+    batch = asyncio.run(rollout.run_batch(tasks, group_size=3))
+    assert [t.group_id for t in batch.trajectories] == ["q0"] * 3 + ["q1"] * 3
+    assert batch.metrics["success_rate"] == 1.0 and batch.metrics["tool_calls/search"] == 1.0
+    assert batch.metrics["stop/answer"] == 1.0 and batch.metrics["turns_mean"] == 2.0
+
+
+@pytest.mark.parametrize("fmt", ["xml"])
+def test_real_tiny_model_rollout_is_consistent(tokenizer, tiny_model, fmt):
+    from agentrl.engines.hf import HFEngine
+
+    env = SearchQAEnv(prompt="short")
+    rollout = RolloutWorker(HFEngine(tiny_model, tokenizer), tokenizer, env, ToolExecutor(["search"]),
+                            RolloutConfig(max_new_tokens=16, max_turns=2, temperature=1.0), ToolsConfig())
+    batch = asyncio.run(rollout.run_batch([env.make_task(QUESTION, 0)], group_size=4))
+    for trajectory in batch.trajectories:
+        trajectory.validate()
+        assert trajectory.stop_reason in ("eos", "max_new_tokens", "answer", "max_turns")
+        assert len(trajectory.logprobs) == len(trajectory.response_ids)
