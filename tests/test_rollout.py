@@ -5,9 +5,9 @@ import asyncio
 import time
 
 import pytest
+from agentrl.envs.search_qa import SearchQAEnv
 
 from agentrl.config import RolloutConfig, ToolsConfig
-from agentrl.envs.search_qa import SearchQAEnv
 from agentrl.executor import ToolExecutor
 from agentrl.rollout import RolloutWorker
 from tests.helpers.scripted import ScriptedEngine
