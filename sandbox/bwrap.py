@@ -25,20 +25,22 @@ from agentrl.sandbox.pool import PooledBackend, Worker
 
 WORKER = Path(__file__).with_name("worker.py")
 SANDBOX_SITE = "/opt/site"
+SHM_MB = 16  # /dev/shm, for multiprocessing's semaphores
 SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
 
 
-# Syscalls that would let a job reach another process of its sandbox (the zygote, bwrap's init)
-# and plant state for later jobs: ptrace, process_vm_readv, process_vm_writev.
+# Syscalls that would let a job plant state for later jobs: ptrace, process_vm_readv and
+# process_vm_writev (reach the zygote), add_key, request_key and keyctl (the kernel keyrings are
+# per host uid, so they would outlive the job's namespaces).
 _SECCOMP = {
-    "x86_64": (0xC000003E, (101, 310, 311)),
-    "aarch64": (0xC00000B7, (117, 270, 271)),
+    "x86_64": (0xC000003E, (101, 310, 311, 248, 249, 250)),
+    "aarch64": (0xC00000B7, (117, 270, 271, 217, 218, 219)),
 }
 
 
 def seccomp_program() -> bytes:
-    """A classic-BPF seccomp filter: EPERM for the syscalls above, kill on a foreign architecture
-    (and for x32 syscall numbers), allow everything else."""
+    """A classic-BPF seccomp filter: kill on a foreign architecture, EPERM for the syscalls above
+    and for x32 syscall numbers, allow everything else."""
     machine = platform.machine()
     if machine not in _SECCOMP:
         raise SandboxUnavailable(f"no seccomp filter for {machine}; the bwrap backend supports x86_64 and aarch64")
@@ -134,11 +136,14 @@ class BwrapBackend(PooledBackend):
     def command(self, mode: str, memory_mb: int = 512, seccomp_fd: int | None = None) -> list[str]:
         interpreter_root = self.interpreter.parents[1]  # e.g. /usr for /usr/bin/python3.11
         command = [
-            self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--clearenv", "--hostname", "sandbox", "--uid", "1000", "--gid", "1000",
-            "--proc", "/proc", "--dev", "/dev",
+            self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox", "--uid", "1000", "--gid", "1000",
+            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+            "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", "/dev/shm",
             "--size", str(self.tmpfs_mb * 1024 * 1024), "--tmpfs", "/tmp",
         ]
+        if mode == "pool":
+            command.append("--as-pid-1")  # the zygote is init: jobs cannot signal it, orphans come to it
         for path in SYSTEM_BINDS:
             if os.path.exists(path):
                 command += ["--ro-bind", path, path]
@@ -146,10 +151,10 @@ class BwrapBackend(PooledBackend):
             command += ["--ro-bind", str(interpreter_root), str(interpreter_root)]
         for host, inside in package_binds(self.packages):
             command += ["--ro-bind", str(host), inside]
-        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py"]
+        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py", "--remount-ro", "/"]
         environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": SANDBOX_SITE,
                        "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                       "AGENTRL_SANDBOX_ROOT": "/tmp", "AGENTRL_PID_NAMESPACE": "1"}
+                       "AGENTRL_SANDBOX_ROOT": "/tmp", "AGENTRL_OWN_NAMESPACES": "1"}
         for key, value in environment.items():
             command += ["--setenv", key, value]
         if seccomp_fd is not None:

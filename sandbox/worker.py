@@ -25,7 +25,10 @@ import traceback
 # temporary directory. Only this root is ever wiped.
 ROOT = os.environ.get("AGENTRL_SANDBOX_ROOT", "/tmp")
 WORK = os.path.join(ROOT, "work")
-PID_NAMESPACE = os.environ.get("AGENTRL_PID_NAMESPACE") == "1"
+# Under bubblewrap the worker owns its pid and IPC namespaces and /dev/shm, so it may clean them.
+OWN_NAMESPACES = os.environ.get("AGENTRL_OWN_NAMESPACES") == "1"
+SHM = "/dev/shm"
+PR_SET_DUMPABLE = 4
 MARK = "\n[... output truncated: {} more bytes ...]\n"
 
 
@@ -36,6 +39,7 @@ def set_limits(memory_mb, cpu_seconds, file_bytes, processes, open_files=256):
         (resource.RLIMIT_NOFILE, open_files),
         (resource.RLIMIT_NPROC, processes),
         (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_MSGQUEUE, 0),  # POSIX message queues would outlive the job in its IPC namespace
     ]
     if memory_mb:
         limits.append((resource.RLIMIT_AS, memory_mb * 1024 * 1024))
@@ -113,9 +117,11 @@ def text(data, dropped):
 
 
 def kill_everything_else():
-    """Kill every process of this pid namespace except init (1) and this worker."""
+    """Kill and reap every process of this pid namespace except this worker (its init), so
+    daemonised grandchildren die too: orphans are re-parented to init, so all are our children."""
     me = os.getpid()
-    for _ in range(3):
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
         others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]
         if not others:
             return
@@ -124,18 +130,45 @@ def kill_everything_else():
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in others:
+        while True:
             try:
-                os.waitpid(pid, os.WNOHANG)
+                pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                pass
-        time.sleep(0.01)
+                break
+            if pid == 0:
+                time.sleep(0.002)
+                break
+
+
+def remove_ipc_objects():
+    """Remove the System V shared memory, semaphores and message queues a job created: they live
+    in the sandbox's IPC namespace, not in a process, and would otherwise reach the next job."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    ipc_rmid = 0
+    for kind, remove in (("shm", lambda i: libc.shmctl(i, ipc_rmid, None)),
+                         ("sem", lambda i: libc.semctl(i, 0, ipc_rmid)),
+                         ("msg", lambda i: libc.msgctl(i, ipc_rmid, None))):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            remove(int(row.split()[1]))
+
+
+def wipe(directory):
+    for entry in os.listdir(directory):
+        path = os.path.join(directory, entry)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def reset_workdir(files):
-    for entry in os.listdir(ROOT):
-        path = os.path.join(ROOT, entry)
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    wipe(ROOT)
+    if OWN_NAMESPACES:
+        wipe(SHM)
     os.makedirs(WORK, exist_ok=True)
     for name, content in (files or {}).items():
         target = os.path.normpath(os.path.join(WORK, name))
@@ -169,6 +202,7 @@ def pool_job(job, protocol_fds):
             for fd in (in_r, in_w, out_r, out_w, err_r, err_w, *protocol_fds):
                 os.close(fd)
             os.chdir(WORK)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             set_limits(int(job.get("memory_mb", 512)), int(timeout) + 1, int(job.get("file_bytes", 32 << 20)),
                        int(job.get("processes", 32)))
             code = run_user_code(job["code"])
@@ -196,8 +230,9 @@ def pool_job(job, protocol_fds):
     os.close(err_r)
     if status is None:
         _, status = os.waitpid(pid, 0)
-    if PID_NAMESPACE:
+    if OWN_NAMESPACES:
         kill_everything_else()  # every leftover, including daemonised grandchildren
+        remove_ipc_objects()
     else:
         try:
             os.killpg(pid, signal.SIGKILL)  # the job's process group
@@ -213,6 +248,17 @@ def pool_job(job, protocol_fds):
         "memory_exceeded": "MemoryError" in stderr[-2000:],
         "duration_s": time.monotonic() - started,
     }
+
+
+def protect_zygote():
+    """Jobs run as the zygote's uid. Non-dumpable, its memory and descriptors are out of their reach
+    (``/proc/<pid>/mem``, ``/proc/<pid>/fd``), so no job can plant state for the next one. Its
+    children inherit the flag, so it also covers them; they need nothing that it forbids."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        sys.exit(f"cannot make the zygote non-dumpable (errno {ctypes.get_errno()})")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Timeout(Exception):
@@ -276,6 +322,8 @@ def main():
             __import__(module)  # warm imports: forked children get them for free
         except ImportError:
             pass
+    if mode == "pool":
+        protect_zygote()
     os.makedirs(WORK, exist_ok=True)
     # The protocol moves to private descriptors so user code cannot write on it.
     request_fd, reply_fd = os.dup(0), os.dup(1)

@@ -2,8 +2,10 @@
 host, a working next execution, and no processes left behind."""
 
 import os
+import platform
 import shutil
 import socket
+import textwrap
 import threading
 import time
 
@@ -134,10 +136,63 @@ def test_host_files_are_not_readable(sandbox, baseline, path):
     assert_healthy(sandbox, baseline)
 
 
-def test_writing_outside_the_work_directory_fails(sandbox, baseline):
-    result = sandbox.run("open('/usr/evil', 'w').write('x')")
-    assert result.return_code != 0 and ("Read-only" in result.stderr or "Permission" in result.stderr)
-    assert not os.path.exists("/usr/evil")
+@pytest.mark.parametrize("path", ["/usr/evil", "/evil", "/dev/evil", "/proc/evil"])
+def test_writing_outside_the_work_directory_fails(sandbox, baseline, path):
+    result = sandbox.run(f"open({path!r}, 'w').write('x')")
+    assert result.return_code != 0 and any(word in result.stderr for word in ("Read-only", "Permission", "No such file"))
+    assert not os.path.exists(path)
+    assert_healthy(sandbox, baseline)
+
+
+def test_the_zygote_is_out_of_reach_of_jobs(sandbox, baseline):
+    # Writing the zygote's memory or its reply pipe would plant state for the next trajectory.
+    code = textwrap.dedent("""
+        import os
+        for path, mode in (('/proc/1/mem', 'r+b'), ('/proc/1/fd/1', 'w'), ('/proc/1/environ', 'rb')):
+            try:
+                open(path, mode)
+                print('opened', path)
+            except OSError as e:
+                print('denied', e.errno)
+        os.kill(1, 9)
+        print('init survives')
+    """)
+    result = sandbox.run(code)
+    assert "opened" not in result.stdout and result.stdout.count("denied") == 3 and "init survives" in result.stdout
+    assert_healthy(sandbox, baseline)
+
+
+def test_ipc_objects_and_shared_memory_do_not_outlive_the_execution(sandbox, baseline):
+    plant = textwrap.dedent("""
+        import ctypes
+        libc = ctypes.CDLL(None)
+        print(libc.shmget(4242, 4096, 0o1666) >= 0, libc.semget(4243, 1, 0o1666) >= 0, libc.msgget(4244, 0o1666) >= 0)
+        open('/dev/shm/note', 'w').write('secret')
+    """)
+    assert sandbox.run(plant).stdout == "True True True\n"
+    look = textwrap.dedent("""
+        import os
+        counts = [len(open(f'/proc/sysvipc/{kind}').read().splitlines()) - 1 for kind in ('shm', 'sem', 'msg')]
+        print(os.listdir('/dev/shm'), counts)
+    """)
+    for _ in range(sandbox.pool_size):  # whichever warm worker ran the first job
+        assert sandbox.run(look).stdout == "[] [0, 0, 0]\n"
+    queue = sandbox.run("import ctypes\nprint(ctypes.CDLL(None).mq_open(b'/leak', 0o100 | 0o2, 0o600, None))")
+    assert queue.stdout == "-1\n"  # POSIX message queues are refused (RLIMIT_MSGQUEUE = 0)
+    assert_healthy(sandbox, baseline)
+
+
+def test_keyrings_and_nested_user_namespaces_are_refused(sandbox, baseline):
+    # Kernel keyrings belong to the host uid and would outlive the job; a nested user namespace
+    # could mount a tmpfs without a size limit.
+    add_key = {"x86_64": 248, "aarch64": 217}[platform.machine()]
+    code = textwrap.dedent(f"""
+        import ctypes
+        libc = ctypes.CDLL(None)
+        print(libc.syscall({add_key}, b'user', b'leak', b'secret', 6, -4), libc.unshare(0x10000000))
+    """)
+    result = sandbox.run(code)
+    assert result.stdout == "-1 -1\n"
     assert_healthy(sandbox, baseline)
 
 
