@@ -102,14 +102,15 @@ def package_binds(packages: tuple[str, ...]) -> list[tuple[Path, str]]:
 
 class BwrapBackend(PooledBackend):
     """Options: ``pool_size`` (warm zygotes), ``packages`` importable inside (numpy by default),
-    ``tmpfs_mb`` (the writable work area), ``max_processes`` per sandbox, ``uid_base``."""
+    ``tmpfs_mb`` (the writable work area), ``max_processes`` per sandbox, ``uid_base``,
+    ``session_ttl_s`` (idle sessions are stopped after it)."""
 
     name = "bwrap"
 
     def __init__(self, pool_size: int = 2, packages: tuple[str, ...] = ("numpy",), tmpfs_mb: int = 64,
                  max_processes: int = 32, uid_base: int = 61000, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
-                 preload: tuple[str, ...] = ("numpy",)) -> None:
-        super().__init__(pool_size, max_processes, tmpfs_mb, uid_base, max_output_bytes)
+                 preload: tuple[str, ...] = ("numpy",), session_ttl_s: float = 600.0) -> None:
+        super().__init__(pool_size, max_processes, tmpfs_mb, uid_base, max_output_bytes, session_ttl_s)
         self.bwrap = shutil.which("bwrap")
         if self.bwrap is None:
             raise SandboxUnavailable("the bwrap backend needs bubblewrap: apt-get install bubblewrap")

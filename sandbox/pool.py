@@ -12,6 +12,7 @@ import select
 import subprocess
 import threading
 import time
+import weakref
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
@@ -111,8 +112,12 @@ class PooledBackend(Backend):
     """A backend whose executions go to a pool of warm workers. Subclasses say how to start one."""
 
     def __init__(self, pool_size: int = 2, max_processes: int = 32, tmpfs_mb: int = 64, uid_base: int | None = None,
-                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, session_ttl_s: float = 600.0) -> None:
         self.pool_size = pool_size
+        self.session_ttl_s = session_ttl_s
+        self._sessions: weakref.WeakSet[PooledSession] = weakref.WeakSet()
+        self._reaper: threading.Thread | None = None
+        self._stopped = threading.Event()
         self.max_processes = max_processes
         self.tmpfs_mb = tmpfs_mb
         self.uid_base = uid_base
@@ -179,10 +184,25 @@ class PooledBackend(Backend):
         return RunResult(**{k: answer.get(k) for k in RunResult.__dataclass_fields__ if k in answer})
 
     def session(self, memory_mb: int = 512) -> PooledSession:
-        return PooledSession(self, memory_mb)
+        session = PooledSession(self, memory_mb)
+        self._sessions.add(session)
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap_idle_sessions, name="agentrl-sandbox-reaper", daemon=True)
+            self._reaper.start()
+        return session
+
+    def _reap_idle_sessions(self) -> None:
+        """Stop the sandbox of every session idle for longer than ``session_ttl_s``: a trajectory
+        that never closes its tool must not hold a sandbox forever."""
+        while not self._stopped.wait(min(1.0, self.session_ttl_s / 4)):
+            for session in list(self._sessions):
+                session.expire_if_idle(self.session_ttl_s)
 
     def close(self) -> None:
         self._closed = True
+        self._stopped.set()
+        for session in list(self._sessions):
+            session.close()
         while True:
             try:
                 self._idle.get_nowait().kill()
@@ -199,23 +219,47 @@ class PooledSession(Session):
         self.slot = backend.pool_size + 1 + next(_session_ids) % 1000
         self.worker: Worker | None = None
         self.last_used = time.monotonic()
+        self.expired = False
+        self._lock = threading.Lock()
 
     def run(self, code: str, timeout: float = 10.0) -> RunResult:
-        self.last_used = time.monotonic()
-        if self.worker is None or not self.worker.alive:
-            self.worker = self.backend.start_worker("session", self.slot, self.memory_mb)
-        started = time.monotonic()
-        answer = self.worker.request({"code": code, "timeout": timeout, "max_output_bytes": self.backend.max_output_bytes},
-                                     timeout + 2.0)
-        if answer is None:  # overran or crashed: the session's state is gone with its sandbox
-            self.close()
-            return RunResult(timed_out=True, duration_s=time.monotonic() - started,
-                             stderr="the session was restarted; earlier variables are lost")
-        if answer.get("timed_out") or answer.get("memory_exceeded"):
-            self.close()  # a process that hit a limit may be inconsistent: start clean next time
-        return RunResult(**{k: answer.get(k) for k in RunResult.__dataclass_fields__ if k in answer})
+        with self._lock:
+            notice = ""
+            if self.expired:
+                notice = f"[the session was idle for over {self.backend.session_ttl_s:g} s and restarted; earlier variables are lost]\n"
+                self.expired = False
+            if self.worker is None or not self.worker.alive:
+                self.worker = self.backend.start_worker("session", self.slot, self.memory_mb)
+            started = time.monotonic()
+            job = {"code": code, "timeout": timeout, "max_output_bytes": self.backend.max_output_bytes}
+            answer = self.worker.request(job, timeout + 2.0)
+            self.last_used = time.monotonic()
+            if answer is None:  # overran or crashed: the session's state is gone with its sandbox
+                self._stop()
+                return RunResult(timed_out=True, duration_s=time.monotonic() - started,
+                                 stderr="the session was restarted; earlier variables are lost")
+            if answer.get("timed_out") or answer.get("memory_exceeded"):
+                self._stop()  # a process that hit a limit may be inconsistent: start clean next time
+            result = RunResult(**{k: answer.get(k) for k in RunResult.__dataclass_fields__ if k in answer})
+            result.stdout = notice + result.stdout
+            return result
 
-    def close(self) -> None:
+    def expire_if_idle(self, ttl_s: float) -> None:
+        """Stop the sandbox if unused for ``ttl_s``; the next ``run`` starts fresh and says so."""
+        if not self._lock.acquire(blocking=False):
+            return  # running right now: not idle
+        try:
+            if self.worker is not None and time.monotonic() - self.last_used > ttl_s:
+                self._stop()
+                self.expired = True
+        finally:
+            self._lock.release()
+
+    def _stop(self) -> None:
         if self.worker is not None:
             self.worker.kill()
             self.worker = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()

@@ -22,8 +22,8 @@ class ProcessBackend(PooledBackend):
     name = "process"
 
     def __init__(self, pool_size: int = 2, max_processes: int = 256, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
-                 preload: tuple[str, ...] = ("numpy",), tmpfs_mb: int = 64) -> None:
-        super().__init__(pool_size, max_processes, tmpfs_mb, None, max_output_bytes)
+                 preload: tuple[str, ...] = ("numpy",), tmpfs_mb: int = 64, session_ttl_s: float = 600.0) -> None:
+        super().__init__(pool_size, max_processes, tmpfs_mb, None, max_output_bytes, session_ttl_s)
         self.preload = preload
         self._roots: list[str] = []
         self._replenish()

@@ -297,3 +297,32 @@ def test_workers_outlive_the_thread_that_started_them():
         assert backend.run("print('alive')").stdout == "alive\n"
     finally:
         backend.close()
+
+
+def test_idle_sessions_expire_and_say_so():
+    backend = get_backend("bwrap", pool_size=1, session_ttl_s=0.4)
+    session = backend.session()
+    try:
+        assert session.run("kept = 1").ok
+        first_uid_processes = sandbox_processes()
+        deadline = time.monotonic() + 5
+        while session.worker is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session.worker is None  # the reaper stopped the idle sandbox
+        assert sandbox_processes() < first_uid_processes
+        result = session.run("print(globals().get('kept', 'gone'))")
+        assert "idle" in result.stdout and result.stdout.endswith("gone\n")
+    finally:
+        backend.close()
+
+
+def test_session_memory_and_output_limits(sandbox):
+    session = sandbox.session(memory_mb=256)
+    try:
+        assert session.run("x = 5").ok
+        bomb = session.run("y = bytearray(2 * 1024 ** 3)")
+        assert bomb.memory_exceeded and "MemoryError" in bomb.for_model()
+        flood = session.run("print('z' * (10 * 1024 * 1024))")
+        assert len(flood.stdout) < 100_000 and "output truncated" in flood.stdout
+    finally:
+        session.close()
