@@ -213,13 +213,14 @@ def serve_sandbox_command(
     backend: Annotated[str, typer.Option(help="bwrap, docker or process (trusted code only)")] = "bwrap",
     workers: Annotated[int, typer.Option(help="executions at once (warm sandboxes)")] = 2,
     queue: Annotated[int, typer.Option(help="requests that may wait; more get HTTP 429")] = 32,
+    token: Annotated[str | None, typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
 ) -> None:
     """Serve code execution with SandboxFusion's /run_code API."""
     from agentrl.sandbox.base import SandboxUnavailable
     from agentrl.sandbox.server import serve_sandbox
 
     try:
-        serve_sandbox(backend, host=host, port=port, workers=workers, queue=queue)
+        serve_sandbox(backend, host=host, port=port, workers=workers, queue=queue, token=token or None)
     except SandboxUnavailable as error:
         error_console.print(f"[bold red]sandbox unavailable:[/] {error}")
         raise typer.Exit(2) from None

@@ -5,19 +5,23 @@ Request: ``code``, ``language`` (``python``), ``run_timeout``, ``memory_limit_MB
 ``files`` (name -> base64). Response: ``status`` (``Success`` / ``Failed`` / ``SandboxError``),
 ``message``, ``compile_result`` (null), ``run_result`` {``status`` (``Finished`` /
 ``TimeLimitExceeded`` / ``Error``), ``execution_time``, ``return_code``, ``stdout``, ``stderr``},
-``files``. At most ``workers`` executions run at once and ``queue`` more wait; beyond that the
-answer is HTTP 429, so a burst never grows memory without bound.
+``files``. As in SandboxFusion, a program that ran to its end is ``Finished`` whatever its exit
+code (the top-level status is then ``Failed`` when that code is not 0); ``Error`` means it could not
+be run. At most ``workers`` executions run at once and ``queue`` more wait; beyond that the
+answer is HTTP 429, so a burst never grows memory without bound. ``/health`` and ``/metrics`` are
+open; ``/run_code`` needs the bearer token when one is set. Binds 127.0.0.1 unless told otherwise.
 """
 
 import asyncio
 import base64
 import binascii
 import contextlib
+import secrets
 import time
 from typing import Any
 
 from agentrl.sandbox.base import Backend
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,15 +33,19 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
+from agentrl.server import BodyLimit
+
+DEFAULT_MEMORY_MB = 1024
+
 
 class RunCodeRequest(BaseModel):
     code: str = Field(max_length=1_000_000)
     language: str = "python"
     compile_timeout: float = 10.0
     run_timeout: float = Field(10.0, gt=0, le=300)
-    memory_limit_MB: int = Field(512, gt=0, le=16384)
+    memory_limit_MB: int = Field(-1, ge=-1, le=16384)  # -1 (SandboxFusion's default): the server's default
     stdin: str | None = None
-    files: dict[str, str] = {}
+    files: dict[str, str | None] = {}
     fetch_files: list[str] = []
 
 
@@ -46,12 +54,12 @@ def run_code_response(result, error: str | None = None) -> dict[str, Any]:
         return {"status": "SandboxError", "message": error, "compile_result": None, "run_result": None, "files": {}}
     if result.timed_out:
         run_status = "TimeLimitExceeded"
-    elif result.return_code == 0:
-        run_status = "Finished"
-    else:
+    elif result.return_code is None:
         run_status = "Error"
+    else:
+        run_status = "Finished"
     return {
-        "status": "Success" if run_status == "Finished" else "Failed",
+        "status": "Success" if run_status == "Finished" and result.return_code == 0 else "Failed",
         "message": "",
         "compile_result": None,
         "run_result": {
@@ -65,7 +73,8 @@ def run_code_response(result, error: str | None = None) -> dict[str, Any]:
     }
 
 
-def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
+def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str | None = None,
+               max_body_bytes: int = 16 * 1024 * 1024) -> FastAPI:
     slots = asyncio.Semaphore(workers)
     admitted = {"count": 0}
     registry = CollectorRegistry()
@@ -81,6 +90,13 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
         await asyncio.to_thread(backend.close)
 
     app = FastAPI(title="agentrl sandbox", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+
+    def authorise(request: Request) -> None:
+        if token is None:
+            return
+        if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -90,7 +106,7 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/run_code")
+    @app.post("/run_code", dependencies=[Depends(authorise)])
     async def run_code(request: RunCodeRequest):
         if request.language not in ("python", "python3"):
             return run_code_response(None, f"language {request.language!r} is not supported; use python")
@@ -99,15 +115,16 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
             return JSONResponse({"status": "SandboxError", "message": "the sandbox queue is full; retry later"},
                                 status_code=429, headers={"Retry-After": "1"})
         try:
-            files = {name: base64.b64decode(data, validate=True) for name, data in request.files.items()}
+            files = {name: base64.b64decode(data, validate=True) for name, data in request.files.items() if data is not None}
         except (binascii.Error, ValueError):
             return run_code_response(None, "files must be base64-encoded")
         admitted["count"] += 1
         try:
             async with slots:
                 started = time.perf_counter()
+                memory_mb = request.memory_limit_MB if request.memory_limit_MB > 0 else DEFAULT_MEMORY_MB
                 result = await asyncio.to_thread(backend.run, request.code, request.stdin or "", files,
-                                                 request.run_timeout, request.memory_limit_MB)
+                                                 request.run_timeout, memory_mb)
                 latency.observe(time.perf_counter() - started)
         except Exception as error:  # the backend failed, not the code
             runs.labels("SandboxError").inc()
@@ -125,10 +142,10 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32) -> FastAPI:
 
 
 def serve_sandbox(backend_name: str = "bwrap", host: str = "127.0.0.1", port: int = 8080, workers: int = 2,
-                  queue: int = 32) -> None:
+                  queue: int = 32, token: str | None = None) -> None:
     import uvicorn
     from agentrl.sandbox.base import get_backend
 
     options = {} if backend_name == "docker" else {"pool_size": workers}
     backend = get_backend(backend_name, **options)
-    uvicorn.run(create_app(backend, workers, queue), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(backend, workers, queue, token=token), host=host, port=port, log_level="warning", access_log=False)

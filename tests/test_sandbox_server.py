@@ -3,6 +3,7 @@ tool works with the <python> tag and JSON tool calls, in-process and through the
 
 import asyncio
 import base64
+import json
 import shutil
 
 import httpx
@@ -36,12 +37,47 @@ def test_run_code_success_in_sandboxfusion_format(server):
 
 def test_failures_and_timeouts(server):
     failed = httpx.post(f"{server}/run_code", json={"code": "raise ValueError('bad')", "language": "python"}, timeout=30).json()
-    assert failed["status"] == "Failed" and failed["run_result"]["status"] == "Error"
+    # As in SandboxFusion: the program ran to its end ("Finished"), with a non-zero exit code.
+    assert failed["status"] == "Failed" and failed["run_result"]["status"] == "Finished"
     assert failed["run_result"]["return_code"] == 1 and "ValueError: bad" in failed["run_result"]["stderr"]
     slow = httpx.post(f"{server}/run_code", json={"code": "while True: pass", "run_timeout": 1}, timeout=30).json()
     assert slow["status"] == "Failed" and slow["run_result"]["status"] == "TimeLimitExceeded"
     other = httpx.post(f"{server}/run_code", json={"code": "int main(){}", "language": "cpp"}, timeout=30).json()
     assert other["status"] == "SandboxError" and "not supported" in other["message"]
+
+
+def test_verl_sandbox_fusion_client_payload_is_understood(server):
+    # The exact request verl's sandbox_fusion client sends (requests.post with data=json.dumps(...)),
+    # and the fields its check_correctness reads back.
+    payload = {"compile_timeout": 10, "run_timeout": 10, "code": "print(int(input()) * 2)", "stdin": "21",
+               "language": "python", "files": {}, "fetch_files": []}
+    response = httpx.post(f"{server}/run_code", content=json.dumps(payload), timeout=30,
+                          headers={"Content-Type": "application/json", "Accept": "application/json"})
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "Success" and body["compile_result"] is None
+    run = body["run_result"]
+    assert (run["status"], run["stdout"], run["stderr"], run["return_code"]) == ("Finished", "42\n", "", 0)
+    assert run["execution_time"] > 0
+    unlimited = httpx.post(f"{server}/run_code", json={"code": "print('ok')", "memory_limit_MB": -1}, timeout=30)
+    assert unlimited.json()["run_result"]["stdout"] == "ok\n"  # SandboxFusion's -1: the server's default
+
+
+def test_bearer_token_guards_run_code_but_not_health():
+    app = create_app(get_backend("process", pool_size=1), workers=1, queue=1, token="s3cret")
+    with serve_app(app) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.post(f"{url}/run_code", json={"code": "print(1)"}, timeout=30).status_code == 401
+        wrong = httpx.post(f"{url}/run_code", json={"code": "print(1)"}, headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401
+        right = httpx.post(f"{url}/run_code", json={"code": "print(1)"}, headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert right.json()["run_result"]["stdout"] == "1\n"
+        huge = httpx.post(f"{url}/run_code", json={"code": "#" * (17 * 1024 * 1024)}, headers={"Authorization": "Bearer s3cret"},
+                          timeout=30)
+        assert huge.status_code == 413
+        (result,) = run_turn("<python>print(7 * 6)</python>", {"server_url": url, "token": "s3cret"})
+        assert result.observation.text == "42"
+        (refused,) = run_turn("<python>print(1)</python>", {"server_url": url, "token": "wrong"})
+        assert refused.status == "infra_error" and "401" in refused.error
 
 
 def test_burst_gets_429_instead_of_unbounded_queueing(server):

@@ -3,7 +3,7 @@
 Options: ``backend`` (``bwrap`` by default, ``docker``, or ``process`` for trusted code), ``session``
 (keep variables between calls of one trajectory, like a notebook; default false: every call runs in
 a fresh interpreter), ``timeout_s`` (10), ``memory_mb`` (512), ``server_url`` (a sandbox server
-speaking the SandboxFusion ``/run_code`` API; stateless). The sandbox backend is shared by all
+speaking the SandboxFusion ``/run_code`` API; stateless), ``token`` (its bearer token). The sandbox backend is shared by all
 trajectories of the process; a session belongs to one trajectory and ends with it.
 """
 
@@ -72,23 +72,32 @@ class PythonTool(Tool):
         from tenacity import (
             AsyncRetrying,
             RetryError,
-            retry_if_exception_type,
+            retry_if_exception,
             stop_after_attempt,
             wait_random_exponential,
         )
 
+        def transient(error: BaseException) -> bool:
+            """Unreachable, busy (429) or restarting: worth another try. A 4xx is not."""
+            if isinstance(error, httpx.HTTPStatusError):
+                return error.response.status_code in (429, 502, 503, 504)
+            return isinstance(error, httpx.TransportError)
+
         payload = {"code": code, "language": "python", "run_timeout": timeout, "memory_limit_MB": memory_mb}
+        token = self.options.get("token")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type((httpx.TransportError, httpx.HTTPStatusError)),
-                wait=wait_random_exponential(multiplier=0.1, max=2.0), stop=stop_after_attempt(5),
-            ):
+            async for attempt in AsyncRetrying(retry=retry_if_exception(transient), stop=stop_after_attempt(5),
+                                               wait=wait_random_exponential(multiplier=0.1, max=2.0), reraise=False):
                 with attempt:
                     async with httpx.AsyncClient(timeout=timeout + 30) as client:
-                        response = await client.post(f"{self.server_url.rstrip('/')}/run_code", json=payload)
+                        response = await client.post(f"{self.server_url.rstrip('/')}/run_code", json=payload,
+                                                     headers=headers)
                     response.raise_for_status()
         except RetryError as error:
             raise InfraError(f"sandbox server {self.server_url} failed after retries: {error.last_attempt.exception()}") from None
+        except httpx.HTTPStatusError as error:
+            raise InfraError(f"sandbox server {self.server_url} refused the request: {error}") from None
         body = response.json()
         run = body.get("run_result") or {}
         if body.get("status") == "SandboxError":
