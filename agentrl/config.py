@@ -105,6 +105,8 @@ class AlgoConfig(Section):
     kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
     entropy_coef: float = Field(0.0, ge=0.0)
     clip_cov_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    clip_cov_lower: float = 1.0
+    clip_cov_upper: float = 5.0
     kl_cov_ratio: float = Field(0.0, ge=0.0, le=1.0)
     kl_cov_coef: float = Field(1.0, ge=0.0)
     stale_is_cap: float = Field(2.0, gt=0.0)

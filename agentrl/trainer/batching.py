@@ -1,0 +1,164 @@
+"""From trajectories to padded tensors, and from a model forward pass to per-token logprobs.
+
+Layout: every row is ``[pad ... prompt | response ... pad]``: prompts are left-padded to a common
+width ``P`` and responses right-padded to ``T``. Response token ``t`` of every row then sits at
+column ``P + t`` and is predicted by the logits at ``P + t - 1``, so the model computes logits for
+the response columns only (``logits_to_keep``) and never for the prompt: with a 49k vocabulary the
+logits, not the weights, dominate memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from agentrl.trajectory import Trajectory
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for a list of trajectories. ``(B, T)`` tensors index response tokens."""
+
+    input_ids: Tensor  # (B, P + T)
+    attention_mask: Tensor  # (B, P + T)
+    prompt_width: int
+    response_ids: Tensor  # (B, T)
+    loss_mask: Tensor  # (B, T) float, 1 on model tokens
+    sampling_logprobs: Tensor  # (B, T) the engine's logprobs
+    stale: Tensor  # (B, T) 1 on model tokens sampled by an older policy version
+    token_turns: Tensor  # (B, T) turn index of model tokens, -1 elsewhere
+    rewards: Tensor  # (B,)
+    group_ids: Tensor  # (B,)
+    truncated: Tensor  # (B,) bool: stopped by a token budget
+    turn_rewards: Tensor  # (B, K) per-turn rewards, the outcome reward added to the last turn
+    turn_mask: Tensor  # (B, K)
+    prompt_lengths: Tensor  # (B,)
+    response_lengths: Tensor  # (B,)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def position_ids(self) -> Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def select(self, rows: Tensor | list[int]) -> TrainBatch:
+        """The given rows, with the padding no longer needed by any of them trimmed away."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        prompt_width = int(self.prompt_lengths[rows].max()) if len(rows) else 0
+        response_width = int(self.response_lengths[rows].max()) if len(rows) else 0
+        drop = self.prompt_width - prompt_width
+        values = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "prompt_width":
+                values[item.name] = prompt_width
+            elif item.name in ("input_ids", "attention_mask"):
+                values[item.name] = value[rows][:, drop : drop + prompt_width + response_width]
+            elif isinstance(value, Tensor) and value.dim() == 2 and item.name not in ("turn_rewards", "turn_mask"):
+                values[item.name] = value[rows][:, :response_width]
+            else:
+                values[item.name] = value[rows]
+        return TrainBatch(**values)
+
+
+def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: int = 0) -> TrainBatch:
+    """Pad trajectories into a :class:`TrainBatch`. ``policy_version`` is the version being trained:
+    model tokens sampled by an earlier version are marked stale."""
+    if not trajectories:
+        raise ValueError("cannot collate an empty list of trajectories")
+    size = len(trajectories)
+    prompt_width = max(len(t.prompt_ids) for t in trajectories)
+    response_width = max(1, max(len(t.response_ids) for t in trajectories))
+    turns = max(1, max((t.num_turns for t in trajectories), default=1))
+    input_ids = torch.full((size, prompt_width + response_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_ids = torch.full((size, response_width), pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros((size, response_width))
+    sampling_logprobs = torch.zeros((size, response_width))
+    stale = torch.zeros((size, response_width))
+    token_turns = torch.full((size, response_width), -1, dtype=torch.long)
+    turn_rewards = torch.zeros((size, turns))
+    turn_mask = torch.zeros((size, turns))
+    group_names: dict[str, int] = {}
+    for row, trajectory in enumerate(trajectories):
+        prompt, response = trajectory.prompt_ids, trajectory.response_ids
+        start = prompt_width - len(prompt)
+        input_ids[row, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, start : prompt_width + len(response)] = 1
+        if response:
+            input_ids[row, prompt_width : prompt_width + len(response)] = torch.tensor(response, dtype=torch.long)
+            response_ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+            loss_mask[row, : len(response)] = torch.tensor(trajectory.loss_mask, dtype=torch.float32)
+            sampling_logprobs[row, : len(response)] = torch.tensor(trajectory.logprobs, dtype=torch.float32)
+        # Turns are renumbered 0..k-1 over the assistant spans, so a turn index is a column.
+        assistant_turns = sorted({s.turn for s in trajectory.turns if s.role == "assistant"})
+        column = {turn: index for index, turn in enumerate(assistant_turns)}
+        for span in trajectory.turns:
+            if span.role != "assistant":
+                continue
+            token_turns[row, span.start : span.end] = column[span.turn]
+            if span.policy_version is not None and span.policy_version < policy_version:
+                stale[row, span.start : span.end] = 1.0
+        if assistant_turns:
+            turn_mask[row, : len(assistant_turns)] = 1.0
+            for index, value in enumerate((trajectory.turn_rewards or [])[: len(assistant_turns)]):
+                turn_rewards[row, index] = float(value)
+            turn_rewards[row, len(assistant_turns) - 1] += float(trajectory.reward or 0.0)
+        group_names.setdefault(trajectory.group_id, len(group_names))
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_width=prompt_width,
+        response_ids=response_ids,
+        loss_mask=loss_mask,
+        sampling_logprobs=sampling_logprobs,
+        stale=stale,
+        token_turns=token_turns,
+        rewards=torch.tensor([float(t.reward or 0.0) for t in trajectories]),
+        group_ids=torch.tensor([group_names[t.group_id] for t in trajectories]),
+        truncated=torch.tensor([t.status == "truncated" for t in trajectories]),
+        turn_rewards=turn_rewards,
+        turn_mask=turn_mask,
+        prompt_lengths=torch.tensor([len(t.prompt_ids) for t in trajectories]),
+        response_lengths=torch.tensor([max(1, len(t.response_ids)) for t in trajectories]),
+    )
+
+
+@dataclass
+class ResponseOutputs:
+    logprobs: Tensor  # (B, T) log pi(response token)
+    entropy: Tensor | None = None  # (B, T)
+    values: Tensor | None = None  # (B, T) value head on the state before each token
+
+
+def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | None = None,
+                     with_entropy: bool = False) -> ResponseOutputs:
+    """Log-probabilities (and optionally entropy and values) of the response tokens under ``model``.
+
+    Only the ``T + 1`` last columns get logits; the last one (after the final token) is dropped.
+    """
+    from agentrl.algos.losses import entropy_from_logits
+
+    response_width = batch.response_ids.shape[1]
+    output = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=response_width + 1,
+        output_hidden_states=value_head is not None,
+    )
+    logits = output.logits[:, :-1, :].float()
+    targets = batch.response_ids.unsqueeze(-1)
+    logprobs = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    values = None
+    if value_head is not None:
+        hidden = output.hidden_states[-1][:, batch.prompt_width - 1 : batch.prompt_width - 1 + response_width]
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+    return ResponseOutputs(logprobs, entropy, values)
