@@ -1,0 +1,199 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step-000042/`` holding
+
+- ``model/``: the weights with ``save_pretrained`` (only the adapters for a LoRA run), loadable by
+  transformers or peft on their own;
+- ``training.pt``: optimizer, scheduler and value-head states, the RNG states (python, numpy,
+  torch) and the opaque ``state_dict()`` of the partial-rollout manager;
+- ``state.json``: step, data position, policy version and every metric logged so far.
+
+It is written into a hidden temporary directory, every file fsynced, then renamed into place, and
+only then does the ``latest`` pointer (itself replaced atomically) name it. A process killed at any
+moment leaves either the previous checkpoint as ``latest`` or the new one complete; a half-written
+temporary directory is ignored and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+@dataclass
+class TrainerState:
+    """Everything about the run's progress that is not a tensor."""
+
+    step: int = 0
+    data_position: int = 0  # prompts consumed from the (seeded, shuffled) training stream
+    policy_version: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in sorted(path.rglob("*")):
+        if item.is_file():
+            with item.open("rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [*sorted(p for p in path.rglob("*") if p.is_dir()), path]:
+        _fsync_dir(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=".latest-", dir=root)
+    with os.fdopen(handle, "w") as pointer:
+        pointer.write(name + "\n")
+        pointer.flush()
+        os.fsync(pointer.fileno())
+    os.replace(temporary, root / LATEST)
+    _fsync_dir(root)
+
+
+def rng_states() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.random.set_rng_state(states["torch"])
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    state: TrainerState,
+    model,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    value_head: torch.nn.Module | None = None,
+    partial_rollouts: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of ``state.step`` atomically, point ``latest`` at it, keep ``keep``."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    name = step_name(state.step)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    model.save_pretrained(staging / "model", safe_serialization=True)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "value_head": value_head.state_dict() if value_head is not None else None,
+            "rng": rng_states(),
+            "partial_rollouts": partial_rollouts,
+        },
+        staging / "training.pt",
+    )
+    (staging / "state.json").write_text(json.dumps(state.__dict__, allow_nan=True))
+    _fsync_tree(staging)
+    target = root / name
+    if target.exists():  # the same step saved again (a resumed run re-saving): replace it
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    _fsync_dir(root)
+    _write_pointer(root, name)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / "state.json").is_file() and (p / "training.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names, or (if the pointer is missing) the newest complete one."""
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_weights(model, directory: str | Path) -> None:
+    """Load weights written by ``save_pretrained`` into ``model`` in place (adapters for peft)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(path))
+    if not state:
+        raise FileNotFoundError(f"no .safetensors weights in {directory}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint {directory} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+
+
+def load_checkpoint(
+    path: str | Path,
+    model,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    value_head: torch.nn.Module | None = None,
+) -> tuple[TrainerState, dict[str, Any] | None]:
+    """Restore everything a checkpoint holds; returns the trainer state and the partial-rollout state."""
+    path = Path(path)
+    load_weights(model, path / "model")
+    training = torch.load(path / "training.pt", weights_only=False)
+    if optimizer is not None and training["optimizer"] is not None:
+        optimizer.load_state_dict(training["optimizer"])
+    if scheduler is not None and training["scheduler"] is not None:
+        scheduler.load_state_dict(training["scheduler"])
+    if value_head is not None and training["value_head"] is not None:
+        value_head.load_state_dict(training["value_head"])
+    set_rng_states(training["rng"])
+    state = TrainerState(**json.loads((path / "state.json").read_text()))
+    return state, training["partial_rollouts"]
