@@ -2,11 +2,22 @@
 
 Each worker is ``bwrap`` started as its own unprivileged host uid (so RLIMIT_NPROC caps a fork bomb
 per worker, and no worker can signal another's processes) with new user, pid, net, ipc, uts and
-cgroup namespaces (the only interface is ``lo``), no capabilities, ``--die-with-parent``, a fresh
-session, a cleared environment, read-only binds of the interpreter and the Python packages it may
-import (nothing of the project, nothing under ``/root``), and a size-limited tmpfs as the only
-writable place. Inside, :mod:`agentrl.sandbox.worker` forks a child per job with rlimits (CPU
-seconds, address space, processes, file size, open files) and kills the whole process tree after.
+cgroup namespaces (the only interface is ``lo``), nested user namespaces disabled, no capabilities,
+``--die-with-parent``, a fresh session, a cleared environment, a seccomp filter (no ptrace, no
+process_vm_*, no kernel keyrings), read-only binds of the interpreter and the Python packages it may
+import (nothing of the project, nothing under ``/root``), a read-only root and ``/dev``, and two
+size-limited tmpfs as the only writable places (``/tmp``, the work area, and ``/dev/shm``).
+
+Inside, :mod:`agentrl.sandbox.worker` runs as the namespace's pid 1 (a non-dumpable zygote that
+jobs can neither signal, trace nor read) and forks a child per job with rlimits (CPU seconds,
+address space, processes, file size, open files, no POSIX message queues); after each job it kills
+every other process of the namespace, removes System V IPC objects and wipes both tmpfs, so nothing
+of one trajectory's execution reaches the next.
+
+Memory is bounded per process (RLIMIT_AS), not per sandbox: a job may hold up to ``max_processes``
+times ``memory_mb``. A cgroup limit would bound the sum, but cgroups are not delegated to
+unprivileged users here (cgroup v1, writable by root only), so the bound is the product; keep
+``max_processes`` modest on small machines.
 """
 
 from __future__ import annotations

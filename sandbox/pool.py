@@ -172,7 +172,7 @@ class PooledBackend(Backend):
         }
         started = time.monotonic()
         answer = worker.request(job, timeout + 5.0)
-        if answer is not None and worker.alive:
+        if answer is not None and worker.alive and not answer.get("sandbox_error"):
             self._idle.put(worker)
         else:
             worker.kill()
