@@ -8,6 +8,7 @@ isolation (namespaces, seccomp, rlimits, tmpfs); the fresh method starts bwrap +
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -16,17 +17,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agentrl.sandbox.bwrap import BwrapBackend  # noqa: E402
+from agentrl.sandbox.bwrap import BwrapBackend, seccomp_program  # noqa: E402
 
 CASES = {"trivial": "print(1 + 1)", "numpy": "import numpy as np\nprint(np.arange(10).sum())"}
 
 
 def fresh_run(backend: BwrapBackend, code: str) -> float:
-    """One bwrap + interpreter per call, with the same isolation flags as the pool."""
-    command = backend.command("pool")[:-3 - len(backend.preload)]  # drop the worker script and its arguments
-    command = command[: command.index(str(backend.interpreter)) + 1] + ["-s", "-S", "-c", code]
+    """One bwrap + interpreter per call, with the same isolation flags and seccomp filter as the pool."""
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    read_end, write_end = os.pipe()
+    os.write(write_end, seccomp_program())
+    os.close(write_end)
+    command = backend.command("pool", seccomp_fd=read_end)
+    command = command[: command.index(str(backend.interpreter)) + 1] + ["-s", "-S", "-c", code]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, pass_fds=(read_end,))
+    finally:
+        os.close(read_end)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
     return time.perf_counter() - started
 
