@@ -67,6 +67,35 @@ def config_command(config: ConfigArg = None, overrides: OverridesArg = None) -> 
     console.print(Syntax(dump_config(resolved), "yaml", theme="ansi_dark", background_color="default"))
 
 
+@app.command("train")
+def train_command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Train a policy with RL (and an optional SFT warm start); resume with resume=true."""
+    resolved = resolve_config(config, overrides)
+    from agentrl.trainer.local import train
+
+    try:
+        state = train(resolved, console=error_console)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"trained {state.step} steps; metrics, samples, plot and checkpoints in {resolved.output_dir}")
+
+
+@app.command("sft")
+def sft_command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Supervised fine-tuning on demonstration chats (sft.data, or generated for the demo envs)."""
+    resolved = resolve_config(config, overrides)
+    from agentrl.trainer.sft import run_sft
+
+    try:
+        metrics = run_sft(resolved, console=error_console)
+    except (FileNotFoundError, ValueError) as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "success" in k or "loss" in k)
+    console.print(f"fine-tuned model in {resolved.output_dir}/model; {shown}")
+
+
 def _parse_options(pairs: list[str] | None) -> dict:
     from agentrl.config import parse_override
 

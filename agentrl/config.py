@@ -134,6 +134,9 @@ class TrainerConfig(Section):
     keep_checkpoints: int = Field(2, gt=0)
     seed: int = 0
     torch_threads: int | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocasts the forward passes; weights stay in model.dtype
+    eval_temperature: float = Field(0.0, ge=0.0)
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for exactly reproducible runs
 
 
 class SftConfig(Section):

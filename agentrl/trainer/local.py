@@ -1,0 +1,422 @@
+"""The local trainer: one process, the policy on the CPU (or one GPU), the HF engine sharing its module.
+
+``train(config)`` reads top to bottom: build the run, resume or warm-start, evaluate, then repeat
+:func:`train_step` (rollout -> reward -> advantages -> PPO epochs -> new weights to the engine),
+logging and checkpointing after every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agentrl.algos import advantages as adv
+from agentrl.algos import losses
+from agentrl.config import AlgoConfig, RunConfig, dump_config
+from agentrl.trainer.batching import TrainBatch, collate, forward_response
+from agentrl.trainer.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from agentrl.trajectory import Trajectory
+
+
+@dataclass
+class Run:
+    """Everything a run holds. Built once by :func:`build_run`; the step functions read it."""
+
+    config: RunConfig
+    model: Any
+    tokenizer: Any
+    engine: Any
+    env: Any
+    executor: Any
+    worker: Any
+    eval_worker: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_rows: list[dict[str, Any]]
+    eval_tasks: list[Any]
+    loop: asyncio.AbstractEventLoop
+    value_head: torch.nn.Module | None = None
+    reference: Any = None  # a frozen copy of the initial policy (full fine-tuning with a KL term)
+    state: TrainerState = field(default_factory=TrainerState)
+
+
+# -- building ------------------------------------------------------------------------------------
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
+    """Linear warmup, then constant, linear decay to 0 or cosine decay to 0 (per RL step)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
+    """Load the model (LoRA-wrapped if configured), engine, env, tools, rollout workers and optimizer."""
+    from transformers.utils import logging as transformers_logging
+
+    from agentrl.engines.hf import HFEngine
+    from agentrl.envs import get_env_class
+    from agentrl.executor import ToolExecutor
+    from agentrl.models import load_model
+    from agentrl.rollout import RolloutWorker
+
+    transformers_logging.disable_progress_bar()  # the run has its own progress display
+    trainer = config.trainer
+    if trainer.torch_threads:
+        torch.set_num_threads(trainer.torch_threads)
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(trainer.seed)
+    if model is None:
+        model, tokenizer = load_model(config.model.name, config.model.dtype)
+    reference = None
+    if config.model.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.model.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    elif config.algo.kl_coef > 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    value_head = None
+    parameters = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": trainer.lr}]
+    if config.algo.advantage == "gae":
+        value_head = torch.nn.Linear(model.config.hidden_size, 1)
+        torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+        parameters.append({"params": list(value_head.parameters()), "lr": config.algo.value_lr})
+    optimizer = torch.optim.AdamW(parameters, betas=trainer.betas, weight_decay=trainer.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer.warmup_steps, trainer.steps, trainer.schedule))
+
+    env = get_env_class(config.env.name)(**config.env.options)
+    executor = ToolExecutor(config.tools.names or list(env.tools), config.tools.options,
+                            config.tools.server_url, config.tools.server_token)
+    engine = HFEngine(model, tokenizer, max_batch_size=config.rollout.max_batch_size)
+    worker = RolloutWorker(engine, tokenizer, env, executor, config.rollout, config.tools)
+    eval_rollout = config.rollout.model_copy(update={"temperature": trainer.eval_temperature})
+    eval_worker = RolloutWorker(engine, tokenizer, env, executor, eval_rollout, config.tools)
+    train_rows = env.load("train", config.env.train_data)
+    eval_rows = env.load("eval", config.env.eval_data)[: config.env.eval_size]
+    eval_tasks = [env.make_task(row, index) for index, row in enumerate(eval_rows)]
+    return Run(config, model, tokenizer, engine, env, executor, worker, eval_worker, optimizer, scheduler,
+               train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference)
+
+
+def next_tasks(run: Run) -> list[Any]:
+    """The next ``prompts_per_step`` tasks of the training stream: the rows in a seeded random order,
+    reshuffled every epoch, so that a data position alone says where a resumed run continues."""
+    rows, count = run.train_rows, run.config.trainer.prompts_per_step
+    if not rows:
+        raise ValueError("the training split is empty; set env.train_data")
+    tasks = []
+    for position in range(run.state.data_position, run.state.data_position + count):
+        epoch, offset = divmod(position, len(rows))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(run.config.trainer.seed * 7919 + epoch))
+        task = run.env.make_task(rows[int(order[offset])], int(order[offset]))
+        task.id = f"{task.id}@{position}"  # a row drawn twice in one step forms two groups
+        tasks.append(task)
+    run.state.data_position += count
+    return tasks
+
+
+# -- one step ------------------------------------------------------------------------------------
+
+
+def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
+    """One RL step: rollout, reward (inside the rollout), filtering, advantages, update, new weights."""
+    config, step = run.config, run.state.step + 1
+    started = time.perf_counter()
+    run.model.eval()
+    rollout = run.loop.run_until_complete(run.worker.run_batch(next_tasks(run), seed=(config.trainer.seed * 10_000 + step) * 1_000))
+    trajectories = rollout.trajectories
+    metrics = {**rollout.metrics, **tool_use_metrics(trajectories), "time/rollout_s": time.perf_counter() - started}
+
+    trainable = [t for t in trajectories if t.trainable and t.reward is not None]
+    batch = collate(trainable, run.tokenizer.pad_token_id, run.engine.policy_version) if trainable else None
+    if batch is not None and config.algo.dynamic_sampling:
+        keep = adv.varied_groups_mask(batch.rewards, batch.group_ids)
+        metrics["filter/kept_fraction"] = float(keep.float().mean())
+        batch = batch.select(keep.nonzero().squeeze(-1)) if keep.any() else None
+    if batch is not None and config.algo.overlong_filter:
+        batch.loss_mask = adv.overlong_filter(batch.loss_mask, batch.truncated)
+        metrics["filter/overlong_fraction"] = float(batch.truncated.float().mean())
+    update_started = time.perf_counter()
+    if batch is not None and batch.loss_mask.sum() > 0:
+        metrics.update(update_policy(run, batch, step))
+    else:
+        metrics["update/skipped"] = 1.0
+    run.scheduler.step()
+    run.engine.update_weights()  # the engine shares the module: the next rollout samples the new policy
+    metrics["time/update_s"] = time.perf_counter() - update_started
+    metrics["time/step_s"] = time.perf_counter() - started
+    metrics["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return metrics, trajectories
+
+
+def tool_use_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    if not trajectories:
+        return {}
+    calls = [c for t in trajectories for c in t.tool_calls if c.tool]
+    return {
+        "tool_calls_per_trajectory": len(calls) / len(trajectories),
+        "tool_use_rate": sum(any(c.tool for c in t.tool_calls) for t in trajectories) / len(trajectories),
+    }
+
+
+def autocast(run: Run):
+    if run.config.trainer.precision == "bf16":
+        return torch.autocast(device_type=next(run.model.parameters()).device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def score_batch(run: Run, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Logprobs of the current policy before the update (PPO's pi_old), the reference's and values."""
+    shape = batch.response_ids.shape
+    old, values = torch.zeros(shape), torch.zeros(shape) if run.value_head is not None else None
+    reference = torch.zeros(shape) if run.config.algo.kl_coef > 0 else None
+    for rows in micro_batches(torch.arange(batch.size), run.config.trainer.micro_batch_size):
+        sub = batch.select(rows)
+        width = sub.response_ids.shape[1]
+        with autocast(run):
+            out = forward_response(run.model, sub, run.value_head)
+            old[rows, :width] = out.logprobs
+            if values is not None:
+                values[rows, :width] = out.values
+            if reference is not None:
+                if run.reference is not None:
+                    reference[rows, :width] = forward_response(run.reference, sub).logprobs
+                else:  # LoRA: the reference is the base model, the adapters switched off
+                    with run.model.disable_adapter():
+                        reference[rows, :width] = forward_response(run.model, sub).logprobs
+    return old, reference, values
+
+
+def compute_advantages(batch: TrainBatch, loss_mask: torch.Tensor, algo: AlgoConfig,
+                       values: torch.Tensor | None = None,
+                       token_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token advantages (and value targets for GAE) by the configured estimator.
+
+    REINFORCE++ and GAE put the KL penalty into the token rewards (as in their papers); the GRPO
+    family keeps it in the loss.
+    """
+    name, rewards, groups = algo.advantage, batch.rewards, batch.group_ids
+    if name in ("grpo", "dr_grpo", "rloo"):
+        sequence = {"grpo": lambda: adv.grpo_advantages(rewards, groups, algo.norm_std),
+                    "dr_grpo": lambda: adv.dr_grpo_advantages(rewards, groups),
+                    "rloo": lambda: adv.rloo_advantages(rewards, groups)}[name]()
+        return adv.broadcast_to_tokens(sequence, loss_mask), None
+    if name == "reinforce_pp":
+        return adv.reinforce_pp_advantages(rewards, loss_mask, algo.gamma, token_kl, algo.kl_coef), None
+    if name == "reinforce_pp_baseline":
+        return adv.reinforce_pp_baseline_advantages(rewards, groups, loss_mask), None
+    if name == "gae":
+        token_rewards = adv.last_token_rewards(rewards, loss_mask)
+        if token_kl is not None:
+            token_rewards = token_rewards - algo.kl_coef * token_kl * loss_mask
+        return adv.gae_advantages(token_rewards, values, loss_mask, algo.gamma, algo.lam)
+    if name == "turn_grpo":
+        returns = adv.discounted_turn_returns(batch.turn_rewards, batch.turn_mask, algo.turn_gamma)
+        per_turn = adv.turn_grpo_advantages(returns, batch.turn_mask, groups, algo.norm_std)
+        return adv.spread_turn_values(per_turn, batch.token_turns) * loss_mask, None
+    raise ValueError(f"unknown advantage estimator {name!r}")
+
+
+def policy_token_loss(logprobs, old_logprobs, advantages, loss_mask, algo: AlgoConfig, generator=None):
+    """The configured surrogate: KL-Cov, Clip-Cov or PPO clip (with clip-higher and dual clip)."""
+    if algo.kl_cov_ratio > 0:
+        return losses.kl_cov_loss(logprobs, old_logprobs, advantages, loss_mask, algo.kl_cov_ratio, algo.kl_cov_coef)
+    if algo.clip_cov_ratio > 0:
+        return losses.clip_cov_loss(logprobs, old_logprobs, advantages, loss_mask, algo.clip_low, algo.clip_high,
+                                    algo.clip_cov_ratio, algo.clip_cov_lower, algo.clip_cov_upper, generator)
+    return losses.ppo_clip_loss(logprobs, old_logprobs, advantages, algo.clip_low, algo.clip_high,
+                                algo.dual_clip, loss_mask=loss_mask)
+
+
+def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
+    """PPO epochs over shuffled minibatches, gradients accumulated over micro-batches."""
+    config, algo = run.config, run.config.algo
+    loss_mask = batch.loss_mask
+    old, reference, old_values = score_batch(run, batch)
+    kl_in_reward = algo.advantage in ("reinforce_pp", "gae")
+    token_kl = losses.kl_penalty(old, reference, algo.kl_type) if reference is not None and kl_in_reward else None
+    advantages, returns = compute_advantages(batch, loss_mask, algo, old_values, token_kl)
+    is_weights = losses.stale_importance_weights(old, batch.sampling_logprobs, batch.stale, algo.stale_is_cap)
+    fresh = loss_mask * (1 - batch.stale)
+    metrics = {
+        "rollout/logprob_mismatch": float(((old - batch.sampling_logprobs).abs() * fresh).sum() / fresh.sum().clamp(min=1)),
+        "rollout/stale_fraction": float((batch.stale * loss_mask).sum() / loss_mask.sum()),
+        "advantage/mean": float(adv.masked_mean(advantages, loss_mask)),
+        "advantage/abs_mean": float(adv.masked_mean(advantages.abs(), loss_mask)),
+    }
+    sums: dict[str, float] = {}
+    generator = torch.Generator().manual_seed(config.trainer.seed * 100_003 + step)
+    run.model.train()
+    parameters = [p for group in run.optimizer.param_groups for p in group["params"]]
+    updates = 0
+    for _ in range(config.trainer.epochs):
+        order = torch.randperm(batch.size, generator=generator)
+        for minibatch in micro_batches(order, config.trainer.minibatch_size):
+            totals = {"batch_tokens": float(loss_mask[minibatch].sum()), "batch_sequences": float(len(minibatch)),
+                      "max_response_tokens": config.rollout.max_response_tokens}
+            run.optimizer.zero_grad(set_to_none=True)
+            for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
+                sub = batch.select(rows)
+                width = sub.response_ids.shape[1]
+                mask = loss_mask[rows, :width]
+
+                def cut(tensor, rows=rows, width=width):
+                    return tensor[rows, :width]
+
+                with autocast(run):
+                    out = forward_response(run.model, sub, run.value_head, with_entropy=algo.entropy_coef > 0)
+                token_loss, clipped = policy_token_loss(out.logprobs, cut(old), cut(advantages), mask, algo, generator)
+                policy_loss = losses.aggregate_loss(token_loss * cut(is_weights), mask, algo.loss_agg, **totals)
+                loss = policy_loss
+                parts = {"loss/policy": policy_loss, "clip_fraction": losses.aggregate_loss(clipped, mask, algo.loss_agg, **totals)}
+                if reference is not None and not kl_in_reward:
+                    kl = losses.aggregate_loss(losses.kl_penalty(out.logprobs, cut(reference), algo.kl_type), mask, algo.loss_agg, **totals)
+                    loss, parts["loss/kl"] = loss + algo.kl_coef * kl, kl
+                if out.entropy is not None:
+                    entropy = losses.aggregate_loss(out.entropy, mask, algo.loss_agg, **totals)
+                    loss, parts["entropy"] = loss - algo.entropy_coef * entropy, entropy
+                if out.values is not None:
+                    value = losses.aggregate_loss(losses.value_loss(out.values, cut(old_values), cut(returns), algo.value_clip),
+                                                  mask, algo.loss_agg, **totals)
+                    loss, parts["loss/value"] = loss + value, value
+                loss.backward()
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.trainer.max_grad_norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            run.optimizer.step()
+            updates += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.model.eval()
+    metrics.update({key: value / updates for key, value in sums.items()})
+    metrics["lr"] = run.optimizer.param_groups[0]["lr"]
+    metrics["update/trajectories"] = float(batch.size)
+    return metrics
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+EVAL_KEYS = ("success_rate", "reward_mean", "turns_mean", "response_tokens_mean", "tool_calls_per_trajectory", "tool_use_rate")
+
+
+def evaluate(run: Run, prefix: str = "eval") -> dict[str, float]:
+    """One sample per held-out task at ``trainer.eval_temperature`` (greedy by default)."""
+    if not run.eval_tasks:
+        return {}
+    run.model.eval()
+    started = time.perf_counter()
+    batch = run.loop.run_until_complete(run.eval_worker.run_batch(run.eval_tasks, seed=run.config.trainer.seed + 17, group_size=1))
+    metrics = {**batch.metrics, **tool_use_metrics(batch.trajectories)}
+    result = {f"{prefix}/{key}": metrics[key] for key in EVAL_KEYS if key in metrics}
+    result[f"{prefix}/time_s"] = time.perf_counter() - started
+    return result
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+
+def train(config: RunConfig, model=None, tokenizer=None, console=None) -> TrainerState:
+    """Run (or resume) a whole training run; returns the final trainer state."""
+    from agentrl.tracking import Tracker
+
+    output_dir = Path(config.output_dir)
+    checkpoint = latest_checkpoint(output_dir) if config.resume else None
+    if checkpoint is None and list_checkpoints(output_dir):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass resume=true to continue that run "
+                              "or choose another output_dir")
+    run = build_run(config, model, tokenizer)
+    partial_state = None
+    if checkpoint is not None:
+        run.state, partial_state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.value_head)
+        run.engine.policy_version = run.state.policy_version
+        if partial_state is not None and hasattr(run.worker, "load_state_dict"):
+            run.worker.load_state_dict(partial_state)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(dump_config(config))
+    tracker = Tracker(config.tracking, output_dir, config.trainer.steps, config.model_dump(mode="json"),
+                      history=run.state.metrics, console=console)
+    try:
+        if checkpoint is None:
+            warm_start(run, tracker)
+        while run.state.step < config.trainer.steps:
+            metrics, trajectories = train_step(run)
+            run.state.step += 1
+            step = run.state.step
+            every = config.trainer.eval_every
+            if every and (step % every == 0 or step == config.trainer.steps):
+                metrics.update(evaluate(run))
+            tracker.log(step, metrics)
+            tracker.log_samples(step, trajectories, run.tokenizer)
+            if config.trainer.save_every and (step % config.trainer.save_every == 0 or step == config.trainer.steps):
+                save(run, tracker)
+        if run.state.step == config.trainer.steps:
+            run.model.save_pretrained(output_dir / "model")
+            run.tokenizer.save_pretrained(output_dir / "model")
+    finally:
+        tracker.finish()
+        run.loop.run_until_complete(run.engine.close())
+        run.loop.run_until_complete(run.executor.close())
+        run.loop.close()
+    return run.state
+
+
+def warm_start(run: Run, tracker) -> None:
+    """Before the first RL step: evaluate the untrained model, run the SFT warm start if enabled,
+    and evaluate again; the result is checkpointed as step 0 so a resumed run never repeats it."""
+    config = run.config
+    metrics: dict[str, float] = {}
+    if config.sft.enabled:
+        from agentrl.trainer.sft import sft_warm_start
+
+        if config.trainer.eval_before:
+            metrics.update(evaluate(run, "eval_base"))
+        metrics.update(sft_warm_start(run))
+        run.engine.update_weights()
+    if config.trainer.eval_before:
+        metrics.update(evaluate(run))
+    if metrics:
+        tracker.log(0, metrics)
+    if config.sft.enabled and config.trainer.save_every:
+        save(run, tracker)
+
+
+def save(run: Run, tracker) -> None:
+    run.state.metrics = list(tracker.history)
+    run.state.policy_version = run.engine.policy_version
+    partial = run.worker.state_dict() if hasattr(run.worker, "state_dict") else None
+    save_checkpoint(run.config.output_dir, run.state, run.model, run.optimizer, run.scheduler, run.value_head,
+                    partial, keep=run.config.trainer.keep_checkpoints)
