@@ -154,7 +154,7 @@ def tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int 
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # tied random embeddings make greedy decoding echo the last token
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,6 +1,7 @@
 """The HF engine: batched, stop strings and budgets honoured, logprobs faithful, seeds reproducible."""
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ PROMPTS = [
 
 def chat_ids(tokenizer, text):
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        [{"role": "user", "content": text}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
     )
 
 
@@ -33,7 +37,9 @@ def test_engine_implements_the_protocol(tiny_model, tokenizer):
 def test_max_new_tokens_is_honoured(tiny_model, tokenizer):
     engine = HFEngine(tiny_model, tokenizer)
     engine.eos_token_ids = set()  # a random model may sample EOS early; this test is about length
-    result = run(engine.generate(chat_ids(tokenizer, "Hello"), SamplingParams(max_new_tokens=7, seed=1)))
+    result = run(
+        engine.generate(chat_ids(tokenizer, "Hello"), SamplingParams(max_new_tokens=7, seed=1))
+    )
     assert len(result.token_ids) == 7 and len(result.logprobs) == 7
     assert result.finish_reason == "length"
 
@@ -46,12 +52,18 @@ def test_stop_string_ends_generation_at_the_completing_token(tiny_model, tokeniz
     text = tokenizer.decode(free.token_ids)
     # choose a stop string that the unconstrained greedy output contains after a few tokens
     k = 5
-    stop = tokenizer.decode(free.token_ids[k - 1 : k]).strip() or tokenizer.decode(free.token_ids[k - 1 : k])
-    stopped = run(engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])))
+    stop = tokenizer.decode(free.token_ids[k - 1 : k]).strip() or tokenizer.decode(
+        free.token_ids[k - 1 : k]
+    )
+    stopped = run(
+        engine.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))
+    )
     assert stopped.finish_reason == "stop" and stopped.stop_text == stop
     decoded = tokenizer.decode(stopped.token_ids)
     assert stop in decoded
-    assert stop not in tokenizer.decode(stopped.token_ids[:-1])  # it stopped at the first completion
+    assert stop not in tokenizer.decode(
+        stopped.token_ids[:-1]
+    )  # it stopped at the first completion
     assert free.token_ids[: len(stopped.token_ids)] == stopped.token_ids
     assert text.startswith(decoded)
 
@@ -68,11 +80,15 @@ def test_eos_finishes_with_eos(tiny_model, tokenizer):
 def test_logprobs_match_a_separate_forward_pass(tiny_model, tokenizer):
     engine = HFEngine(tiny_model, tokenizer)
     prompt = chat_ids(tokenizer, PROMPTS[0])
-    result = run(engine.generate(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)))
+    result = run(
+        engine.generate(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3))
+    )
     ids = torch.tensor([prompt + result.token_ids])
     with torch.no_grad():
         logits = tiny_model(ids).logits[0, len(prompt) - 1 : -1]
-    expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
+    expected = torch.log_softmax(logits.float(), -1).gather(
+        -1, torch.tensor(result.token_ids)[:, None]
+    )[:, 0]
     assert torch.allclose(torch.tensor(result.logprobs), expected, atol=1e-4)
 
 
@@ -90,7 +106,9 @@ def test_greedy_output_is_identical_alone_and_in_a_batch(tiny_model, tokenizer):
         assert engine.batch_sizes[len(prompts)] == 1, engine.batch_sizes
         return [r.token_ids for r in results]
 
-    assert run(alone()) == run(together())
+    outputs = run(alone())
+    assert len({tuple(tokens) for tokens in outputs}) > 1  # the prompts lead to different outputs
+    assert outputs == run(together())
 
 
 def test_concurrent_requests_run_as_batches(tiny_model, tokenizer):
@@ -100,7 +118,10 @@ def test_concurrent_requests_run_as_batches(tiny_model, tokenizer):
 
     async def main():
         return await asyncio.gather(
-            *(engine.generate(p, SamplingParams(max_new_tokens=8, seed=i)) for i, p in enumerate(prompts))
+            *(
+                engine.generate(p, SamplingParams(max_new_tokens=8, seed=i))
+                for i, p in enumerate(prompts)
+            )
         )
 
     results = run(main())
@@ -118,7 +139,10 @@ def test_seeded_sampling_is_reproducible_regardless_of_batch(tiny_model, tokeniz
 
     async def with_others():
         engine = HFEngine(tiny_model, tokenizer)
-        others = [engine.generate(chat_ids(tokenizer, p), SamplingParams(max_new_tokens=5, seed=9)) for p in PROMPTS]
+        others = [
+            engine.generate(chat_ids(tokenizer, p), SamplingParams(max_new_tokens=5, seed=9))
+            for p in PROMPTS
+        ]
         results = await asyncio.gather(engine.generate(prompt, params), *others)
         return results[0].token_ids
 
@@ -126,11 +150,15 @@ def test_seeded_sampling_is_reproducible_regardless_of_batch(tiny_model, tokeniz
 
 
 def test_weight_swap_changes_output_and_bumps_version(tiny_model, tokenizer):
-    engine = HFEngine(tiny_model, tokenizer)
+    model = copy.deepcopy(tiny_model)  # the fixture is shared: swap weights in a copy
+    engine = HFEngine(model, tokenizer)
     prompt = chat_ids(tokenizer, PROMPTS[0])
     params = SamplingParams(max_new_tokens=8, temperature=0)
     before = run(engine.generate(prompt, params))
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
+    state = {
+        k: torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
     engine.update_weights(state)
     after = run(engine.generate(prompt, params))
     assert engine.policy_version == 1 and after.policy_version == 1 and before.policy_version == 0
@@ -140,3 +168,51 @@ def test_weight_swap_changes_output_and_bumps_version(tiny_model, tokenizer):
 def test_empty_prompt_is_refused(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="at least one token"):
         run(HFEngine(tiny_model, tokenizer).generate([], SamplingParams()))
+
+
+def test_a_request_arriving_mid_batch_joins_it_with_unchanged_output(tiny_model, tokenizer):
+    long_params = SamplingParams(max_new_tokens=60, temperature=0)
+    short_params = SamplingParams(max_new_tokens=12, temperature=0)
+    long_prompt, short_prompt = chat_ids(tokenizer, PROMPTS[2]), chat_ids(tokenizer, PROMPTS[3])
+
+    async def alone():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        first = await engine.generate(long_prompt, long_params)
+        return first.token_ids, (await engine.generate(short_prompt, short_params)).token_ids
+
+    async def joined():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        running = asyncio.ensure_future(engine.generate(long_prompt, long_params))
+        while engine.forward_calls < 3:  # the long request is decoding
+            await asyncio.sleep(0.001)
+        short = await engine.generate(short_prompt, short_params)
+        assert not running.done()  # the short one finished inside the long one's batch
+        long = await running
+        assert engine.joined == 1 and engine.batch_sizes == {1: 1}, (
+            engine.joined,
+            engine.batch_sizes,
+        )
+        return long.token_ids, short.token_ids
+
+    assert run(alone()) == run(joined())
+
+
+def test_in_flight_requests_keep_their_policy_version_across_a_weight_update(tiny_model, tokenizer):
+    model = copy.deepcopy(tiny_model)
+    engine = HFEngine(model, tokenizer)
+    engine.eos_token_ids = set()
+    prompt = chat_ids(tokenizer, PROMPTS[0])
+
+    async def main():
+        running = asyncio.ensure_future(engine.generate(prompt, SamplingParams(max_new_tokens=40)))
+        while engine.forward_calls < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(engine.update_weights)  # the trainer shares the module: bump only
+        later = await engine.generate(prompt, SamplingParams(max_new_tokens=4))
+        return await running, later
+
+    first, later = run(main())
+    assert len(first.token_ids) == 40 and first.policy_version == 0
+    assert later.policy_version == 1

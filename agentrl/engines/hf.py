@@ -4,7 +4,9 @@ Each ``generate`` call enqueues a request and awaits its result. A background ta
 requests are waiting (up to ``max_batch_size``), and one worker thread runs them as a single
 left-padded batch with a KV cache, one forward pass per token for the whole batch. Rows that finish
 leave the batch (their cache rows are dropped), so short answers do not pay for long ones, and the
-event loop stays free for tool calls while the batch decodes.
+event loop stays free for tool calls while the batch decodes. Requests that arrive while a batch
+decodes join it at the next step (continuous batching): they are prefilled on their own and their
+KV cache is stacked onto the running one.
 
 Logprobs are ``log_softmax`` of the raw logits (temperature 1, no top-p) at the sampled token: the
 same quantity a separate forward pass of the trainer computes, so importance ratios start at 1.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,11 +47,16 @@ class HFEngine:
         self.policy_version = 0
         self.batch_sizes: Counter[int] = Counter()  # how many requests each batch held
         self.forward_calls = 0
+        self.joined = 0  # requests that joined a batch already decoding
+        self._joining: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._update_pending = threading.Event()  # stop admitting joiners so the batch drains
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(tokenizer.eos_token_id)
         self.eos_token_ids = {int(t) for t in eos_ids if t is not None}
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         # transformers 5 renamed `past_key_values` to `cache`; accept either.
         forward_parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_parameters else "past_key_values"
@@ -70,13 +78,24 @@ class HFEngine:
 
     def update_weights(self, state_dict: dict | None = None) -> None:
         """Load new weights in place (between batches), or, when the engine shares the trainer's
-        module, only mark that the policy changed."""
-        with self._weights_lock:
-            if state_dict is not None:
-                self.model.load_state_dict(state_dict)
-            self.policy_version += 1
+        module, only mark that the policy changed.
+
+        A running batch stops taking new requests and finishes with the weights it started
+        with; its results carry the old ``policy_version``. Requests waiting to join it run on
+        the new weights.
+        """
+        self._update_pending.set()
+        try:
+            with self._weights_lock:
+                if state_dict is not None:
+                    self.model.load_state_dict(state_dict)
+                self.policy_version += 1
+        finally:
+            self._update_pending.clear()
 
     async def close(self) -> None:
+        while not self._joining.empty():
+            self._joining.get_nowait().future.cancel()
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -96,83 +115,174 @@ class HFEngine:
 
     async def _serve(self) -> None:
         assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            # Let coroutines that are about to submit do so, then take everything waiting.
-            await asyncio.sleep(self.batch_wait_s)
-            while len(batch) < self.max_batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            batch = [r for r in batch if not r.future.cancelled()]
-            if not batch:
-                continue
-            try:
-                await asyncio.to_thread(self._run_batch, batch)
-            except Exception as error:  # a failed batch fails its requests, not the engine
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(error)
+        # One pending `get` is kept across iterations: cancelling a `get` that races a `put` could
+        # drop a request, and a cancelled get could swallow this task's own cancellation.
+        pending: asyncio.Task | None = None
+        try:
+            while True:
+                batch = []
+                # Requests handed to a batch that ended before admitting them go first.
+                while len(batch) < self.max_batch_size and not self._joining.empty():
+                    batch.append(self._joining.get_nowait())
+                if not batch:
+                    if pending is None:
+                        pending = asyncio.ensure_future(self._queue.get())
+                    batch.append(await pending)
+                    pending = None
+                    # Let coroutines that are about to submit do so, then take everything waiting.
+                    await asyncio.sleep(self.batch_wait_s)
+                while len(batch) < self.max_batch_size and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                batch = [r for r in batch if not r.future.cancelled()]
+                if not batch:
+                    continue
+                running = asyncio.ensure_future(asyncio.to_thread(self._run_batch, batch))
+                # While the batch decodes, requests that arrive join it at the next step.
+                while not running.done():
+                    if pending is None:
+                        pending = asyncio.ensure_future(self._queue.get())
+                    await asyncio.wait({running, pending}, return_when=asyncio.FIRST_COMPLETED)
+                    if pending.done():
+                        self._joining.put(pending.result())
+                        pending = None
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     def _run_batch(self, batch: list[_Request]) -> None:
         loop = batch[0].future.get_loop()
-        with self._weights_lock, torch.inference_mode():
-            version = self.policy_version
-            self.batch_sizes[len(batch)] += 1
-            for request in batch:
-                if request.params.seed is not None:
-                    request.generator = torch.Generator().manual_seed(request.params.seed)
-            for request, result in self._decode(batch, version):
-                loop.call_soon_threadsafe(_resolve, request.future, result)
+        admitted: list[_Request] = []
+        try:
+            with self._weights_lock, torch.inference_mode():
+                version = self.policy_version
+                self.batch_sizes[len(batch)] += 1
+                for request, result in self._decode(batch, version, admitted):
+                    loop.call_soon_threadsafe(_resolve, request.future, result)
+        except Exception as error:  # a failed batch fails its requests, not the engine
+            for request in admitted + batch:
+                loop.call_soon_threadsafe(_fail, request.future, error)
 
-    def _decode(self, batch: list[_Request], version: int):
-        """Yield ``(request, GenerationResult)`` as rows finish."""
+    def _admit(
+        self, waiting: list[_Request], room: int, admitted: list[_Request]
+    ) -> list[_Request]:
+        """Requests to add to the running batch now: the initial ones, then any that arrived."""
+        newcomers, waiting[:] = waiting[:room], waiting[room:]
+        while (
+            len(newcomers) < room
+            and not self._update_pending.is_set()
+            and not self._joining.empty()
+        ):
+            request = self._joining.get_nowait()
+            if not request.future.cancelled():
+                newcomers.append(request)
+                self.joined += 1
+        for request in newcomers:
+            if request.params.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.params.seed)
+        admitted += newcomers
+        return newcomers
+
+    def _decode(self, batch: list[_Request], version: int, admitted: list[_Request]):
+        """Continuous batching. Yields ``(request, GenerationResult)`` as rows finish.
+
+        Invariant between steps: ``past`` and ``attention_mask`` cover every token but the last
+        sampled one of each active row, which waits in ``tokens``.
+        """
         device = next(self.model.parameters()).device
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):
-            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention_mask[row, width - len(request.prompt_ids) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        active = list(batch)
-        past = None
-        step_ids = input_ids
-        while active:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        waiting = list(batch)
+        active: list[_Request] = []
+        past = attention_mask = tokens = None
+        while True:
+            newcomers = self._admit(waiting, self.max_batch_size - len(active), admitted)
+            if newcomers:
+                new_past, new_mask, logits = self._prefill(newcomers, device)
+                new_tokens, keep, finished = self._step(newcomers, logits, version)
+                yield from finished
+                if keep:
+                    index = torch.tensor(keep, device=device)
+                    if len(keep) < len(newcomers):
+                        new_past.batch_select_indices(index)
+                    past, attention_mask = _merge(
+                        past, attention_mask, new_past, new_mask.index_select(0, index)
+                    )
+                    tokens = (
+                        new_tokens.index_select(0, index)
+                        if tokens is None
+                        else torch.cat([tokens, new_tokens.index_select(0, index)])
+                    )
+                    active += [newcomers[i] for i in keep]
+            if not active:
+                if waiting or (not self._update_pending.is_set() and not self._joining.empty()):
+                    continue
+                return
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1
+            )
+            position_ids = (attention_mask.cumsum(-1) - 1)[:, -1:]
             output = self.model(
-                input_ids=step_ids,
+                input_ids=tokens.unsqueeze(-1),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=True,
-                logits_to_keep=1,  # only the last position is sampled: skip the LM head elsewhere
                 **{self._cache_arg: past},
             )
             self.forward_calls += 1
             past = getattr(output, self._cache_arg)
-            logits = output.logits[:, -1, :].float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            next_tokens = [self._sample(logits[row], r) for row, r in enumerate(active)]
-            keep = []
-            for row, (request, token) in enumerate(zip(active, next_tokens)):
-                request.token_ids.append(token)
-                request.logprobs.append(float(log_probs[row, token]))
-                reason, stop_text = self._finished(request, token)
-                if reason is None:
-                    keep.append(row)
-                else:
-                    yield request, GenerationResult(
-                        request.token_ids, request.logprobs, reason, stop_text, version
-                    )
-            if not keep:
-                return
-            tokens = torch.tensor(next_tokens, device=device).unsqueeze(-1)
+            next_tokens, keep, finished = self._step(active, output.logits[:, -1, :], version)
+            yield from finished
             if len(keep) < len(active):
+                if not keep:
+                    active, past, attention_mask, tokens = [], None, None, None
+                    continue
                 index = torch.tensor(keep, device=device)
                 past.batch_select_indices(index)
                 attention_mask = attention_mask.index_select(0, index)
-                tokens = tokens.index_select(0, index)
-                active = [active[row] for row in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
-            step_ids = tokens
+                next_tokens = next_tokens.index_select(0, index)
+                active = [active[i] for i in keep]
+            tokens = next_tokens
+
+    def _prefill(self, requests: list[_Request], device):
+        width = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, request in enumerate(requests):
+            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            attention_mask[row, width - len(request.prompt_ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: None},
+        )
+        self.forward_calls += 1
+        return getattr(output, self._cache_arg), attention_mask, output.logits[:, -1, :]
+
+    def _step(self, requests: list[_Request], logits: torch.Tensor, version: int):
+        """Sample one token per row; return (tokens, rows still running, finished results)."""
+        logits = logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        sampled = [self._sample(logits[row], request) for row, request in enumerate(requests)]
+        keep, finished = [], []
+        for row, (request, token) in enumerate(zip(requests, sampled)):
+            request.token_ids.append(token)
+            request.logprobs.append(float(log_probs[row, token]))
+            reason, stop_text = self._finished(request, token)
+            if reason is None:
+                keep.append(row)
+            else:
+                finished.append(
+                    (
+                        request,
+                        GenerationResult(
+                            request.token_ids, request.logprobs, reason, stop_text, version
+                        ),
+                    )
+                )
+        return torch.tensor(sampled, device=logits.device), keep, finished
 
     @staticmethod
     def _sample(logits: torch.Tensor, request: _Request) -> int:
@@ -195,7 +305,9 @@ class HFEngine:
         if params.stop:
             longest = max(len(s) for s in params.stop)
             # Decode only a tail long enough to hold any stop string (tokens hold >= 1 char).
-            tail = self.tokenizer.decode(request.token_ids[-(longest + 2) :], skip_special_tokens=False)
+            tail = self.tokenizer.decode(
+                request.token_ids[-(longest + 2) :], skip_special_tokens=False
+            )
             for stop in params.stop:
                 if stop in tail:
                     return "stop", stop
@@ -204,6 +316,36 @@ class HFEngine:
         return None, None
 
 
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge(past, mask, new_past, new_mask):
+    """Stack two KV caches (and their attention masks) along the batch, left-padding the shorter:
+    padded positions are masked out and position ids come from the mask, so no row changes."""
+    if past is None:
+        return new_past, new_mask
+    width = max(mask.shape[1], new_mask.shape[1])
+    for layer, new_layer in zip(past.layers, new_past.layers):
+        layer.keys = torch.cat(
+            [_pad_left(layer.keys, width, 2), _pad_left(new_layer.keys, width, 2)]
+        )
+        layer.values = torch.cat(
+            [_pad_left(layer.values, width, 2), _pad_left(new_layer.values, width, 2)]
+        )
+    return past, torch.cat([_pad_left(mask, width, 1), _pad_left(new_mask, width, 1)])
+
+
 def _resolve(future: asyncio.Future, result: GenerationResult) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
