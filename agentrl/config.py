@@ -84,6 +84,7 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_concurrent_trajectories: int = Field(64, gt=0)
     max_batch_size: int = Field(32, gt=0)
+    end_on_format_error: bool = False  # False: the model sees the parse error as an observation and goes on
     partial: PartialRolloutConfig = PartialRolloutConfig()
 
 

@@ -1,0 +1,114 @@
+"""Partial rollouts: the step ends at the target number of complete groups, unfinished
+trajectories carry over with the policy version of every span, stale ones are dropped, and the
+carried state survives a checkpoint round trip."""
+
+import asyncio
+import json
+import time
+
+from agentrl.envs.base import Reward, Task
+from agentrl.envs.search_qa import SearchQAEnv
+
+from agentrl.config import PartialRolloutConfig, RolloutConfig, ToolsConfig
+from agentrl.executor import ToolExecutor
+from agentrl.rollout import RolloutWorker
+from tests.helpers.scripted import ScriptedEngine
+
+SLEEPER = "tests.helpers.demo_tools:Sleeper"
+
+
+class SleepEnv(SearchQAEnv):
+    tools = (SLEEPER,)
+    tags = {"sleep": "sleeper"}
+
+    def make_task(self, row, index):
+        return Task(id=row["id"], messages=[{"role": "user", "content": row["id"]}], answer=["done"])
+
+    def reward(self, task, trajectory):
+        return Reward(float(trajectory.answer == "done"), trajectory.answer == "done")
+
+
+def script(conversation: str) -> str:
+    """Fast tasks: one 10 ms tool call. Slow tasks: three 300 ms calls. Then the answer."""
+    slow = "user\nslow" in conversation
+    done = conversation.count("<information>")
+    if done >= (3 if slow else 1):
+        return "<answer>done</answer>"
+    return f"<sleep>{0.3 if slow else 0.01}</sleep>"
+
+
+def make_worker(tokenizer, max_staleness=1):
+    rollout = RolloutConfig(max_turns=5, group_size=2,
+                            partial=PartialRolloutConfig(enabled=True, over_provision=1.5, max_staleness=max_staleness))
+    return RolloutWorker(ScriptedEngine(tokenizer, script, 0.005), tokenizer, SleepEnv(), ToolExecutor([SLEEPER]),
+                         rollout, ToolsConfig())
+
+
+TASKS = [{"id": "fast-a"}, {"id": "fast-b"}, {"id": "slow"}]
+
+
+def first_step(worker):
+    tasks = [worker.env.make_task(row, i) for i, row in enumerate(TASKS)]
+    started = time.perf_counter()
+    batch = asyncio.run(worker.run_batch(tasks, seed=1, target_groups=2))
+    return batch, time.perf_counter() - started
+
+
+def test_step_ends_at_the_target_and_unfinished_groups_carry_over(tokenizer):
+    worker = make_worker(tokenizer)
+    assert worker.partial.tasks_needed(2) == 3
+    batch, elapsed = first_step(worker)
+    assert elapsed < 0.3  # did not wait for the slow group's 3 x 300 ms of tools
+    assert sorted({t.group_id for t in batch.trajectories}) == ["fast-a", "fast-b"]
+    assert all(t.reward == 1.0 and t.policy_version == 0 for t in batch.trajectories)
+    assert batch.metrics["partial/groups_carried"] == 1.0
+    assert worker.partial.tasks_needed(2) == 2
+    carried = worker.partial.carried[0].runs
+    assert all(not run.done and run.tools_pending and run.trajectory.num_turns == 1 for run in carried)
+
+
+def test_carried_trajectories_continue_with_the_new_policy_version(tokenizer):
+    worker = make_worker(tokenizer)
+    first_step(worker)
+    before = [list(run.trajectory.response_ids) for run in worker.partial.carried[0].runs]
+    worker.engine.update_weights()  # policy version 1
+    batch = asyncio.run(worker.run_batch([], seed=2, target_groups=1))
+    assert [t.id for t in batch.trajectories] == ["slow/0", "slow/1"]
+    assert batch.metrics["partial/trajectories_resumed"] == 2.0 and not worker.partial.carried
+    for trajectory, prefix in zip(batch.trajectories, before):
+        trajectory.validate()
+        assert trajectory.response_ids[: len(prefix)] == prefix  # the old tokens are kept as they were
+        versions = [(s.turn, s.policy_version) for s in trajectory.turns if s.role == "assistant"]
+        assert versions == [(0, 0), (1, 1), (2, 1), (3, 1)]
+        assert trajectory.stop_reason == "answer" and trajectory.reward == 1.0 and trajectory.trainable
+        assert [c.status for c in trajectory.tool_calls] == ["ok"] * 3
+
+
+def test_trajectories_beyond_the_maximum_staleness_are_dropped(tokenizer):
+    worker = make_worker(tokenizer, max_staleness=0)
+    first_step(worker)
+    worker.engine.update_weights()
+    batch = asyncio.run(worker.run_batch([], seed=2, target_groups=1))
+    assert [t.stop_reason for t in batch.trajectories] == ["stale", "stale"]
+    assert not any(t.trainable for t in batch.trajectories)
+    assert batch.metrics["partial/trajectories_stale"] == 2.0 and "reward_mean" not in batch.metrics
+
+
+def test_partial_state_survives_a_checkpoint_round_trip(tokenizer):
+    worker = make_worker(tokenizer)
+    first_step(worker)
+    state = json.loads(json.dumps(worker.state_dict()))
+    restored = make_worker(tokenizer)
+    restored.load_state_dict(state)
+    restored.engine.update_weights()
+    batch = asyncio.run(restored.run_batch([], seed=2, target_groups=1))
+    assert [t.id for t in batch.trajectories] == ["slow/0", "slow/1"]
+    assert all(t.reward == 1.0 for t in batch.trajectories)
+    assert [s.policy_version for s in batch.trajectories[0].turns if s.role == "assistant"] == [0, 1, 1, 1]
+
+
+def test_evaluation_can_bypass_partial_mode(tokenizer):
+    worker = make_worker(tokenizer)
+    tasks = [worker.env.make_task(row, i) for i, row in enumerate(TASKS)]
+    batch = asyncio.run(worker.run_batch(tasks, group_size=1, partial=False))
+    assert len(batch.trajectories) == 3 and not worker.partial.carried
