@@ -8,6 +8,7 @@ BUILTIN_ENVS = {
     "search_qa": "agentrl.envs.search_qa:SearchQAEnv",
     "math_code": "agentrl.envs.math_code:MathCodeEnv",
     "text2sql": "agentrl.envs.text2sql:Text2SQLEnv",
+    "visual": "agentrl.envs.visual:VisualEnv",
 }
 
 

@@ -93,3 +93,40 @@ def test_spider_layout(tmp_path):
     env = Text2SQLEnv(database_dir=str(tmp_path / "database"))
     task = env.make_task(env.load("eval", str(data))[0], 0)
     assert env.reward(task, answered("SELECT count(x) FROM t")).success
+
+
+def test_visual_images_are_deterministic_and_the_detail_is_small():
+    from agentrl.envs.visual import COLOURS, VisualEnv, draw
+
+    rows = VisualEnv(eval_size=4).load("eval")
+    assert rows == VisualEnv(eval_size=4).load("eval") and rows != VisualEnv(train_size=4).load("train")
+    shape = next(r for r in rows if r["kind"] == "shape")
+    image = draw(shape)
+    assert image.size == (1024, 1024) and image.tobytes() == draw(shape).tobytes()
+    colour = COLOURS[shape["colour"]]
+    coloured = [(x, y) for x in range(1024) for y in range(1024) if image.getpixel((x, y)) == colour]
+    assert 10 < len(coloured) <= 64  # at most 8x8 pixels of a 1024x1024 canvas
+    assert all(abs(x - shape["x"]) <= 8 and abs(y - shape["y"]) <= 8 for x, y in coloured)
+
+
+def test_visual_env_zooms_with_the_image_tool_and_is_rewarded(tokenizer):
+    import json
+
+    from agentrl.envs.visual import VisualEnv
+
+    env = VisualEnv(eval_size=2)
+    row = env.load("eval")[0]
+    task = env.make_task(row, 0)
+    box = [max(0, row["x"] - 32), max(0, row["y"] - 32), row["x"] + 64, row["y"] + 64]
+    call = json.dumps({"name": "image", "arguments": {"operation": "zoom", "box": box, "factor": 4}})
+
+    def script(conversation):
+        if "<|im_start|>tool" not in conversation:
+            return f"<tool_call>{call}</tool_call>"
+        return f"<answer>{row['answer']}</answer><|im_end|>"
+
+    rollout = RolloutWorker(ScriptedEngine(tokenizer, script), tokenizer, env, ToolExecutor(["image"]), RolloutConfig(), ToolsConfig())
+    trajectory = asyncio.run(rollout.run_trajectory(task))
+    assert trajectory.tool_calls[0].status == "ok" and trajectory.reward == 1.0
+    assert "zoom -> 384x384" in tokenizer.decode(trajectory.response_ids)
+    assert not env.reward(task, answered("12")).success
