@@ -33,10 +33,26 @@ def _is_transient(error: BaseException) -> bool:
     return isinstance(error, (httpx.TransportError, _Transient))
 
 
-def decode_images(encoded: list[str]) -> list[Any]:
+def encode_image(image: Any) -> str:
+    """A PIL image as base64 PNG, the way images cross the tool server's JSON API."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_images(encoded: list[str], max_pixels: int = 16_000_000) -> list[Any]:
+    """Decode base64 images eagerly, so a malformed one fails here and not inside a tool. The size
+    is read from the header and checked before any pixel is decoded (decompression bombs)."""
     from PIL import Image
 
-    return [Image.open(io.BytesIO(base64.b64decode(item))) for item in encoded]
+    images = []
+    for item in encoded:
+        image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"an image is {image.width}x{image.height}, over the {max_pixels:,}-pixel limit")
+        image.load()
+        images.append(image)
+    return images
 
 
 class ToolServerClient:
@@ -81,8 +97,16 @@ class ToolServerClient:
             raise InfraError(f"tool server {self.url} unreachable after retries: {cause}") from cause
         raise InfraError(f"tool server {self.url}: no attempt was made")
 
-    async def call(self, trajectory_id: str, tool: str, arguments: dict[str, Any], timeout: float) -> Observation:
-        payload = {"requests": [{"trajectory_id": trajectory_id, "tool": tool, "arguments": arguments}]}
+    async def call(self, trajectory_id: str, tool: str, arguments: dict[str, Any], timeout: float,
+                   metadata: dict[str, Any] | None = None, images: list[str] | None = None) -> Observation:
+        """One call. ``metadata`` (JSON-safe) and ``images`` (base64 PNG) travel with every call, so
+        a server that evicted the trajectory or restarted rebuilds the same tool context."""
+        request = {"trajectory_id": trajectory_id, "tool": tool, "arguments": arguments}
+        if metadata:
+            request["metadata"] = metadata
+        if images:
+            request["images"] = images
+        payload = {"requests": [request]}
         result = (await self._post("/call", payload, timeout + 10.0))["results"][0]
         status, error = result["status"], result.get("error")
         if status == "infra_error":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import inspect
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -113,6 +114,7 @@ class ToolSession:
         self.context = context
         self._instances: dict[str, Tool] = {}
         self._setup_locks: dict[str, asyncio.Lock] = {}
+        self._remote: tuple[dict[str, Any], list[str]] | None = None
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
@@ -155,7 +157,10 @@ class ToolSession:
         try:
             arguments = cls.validate_arguments(call.arguments)
             if self.executor._client is not None:
-                observation = await self.executor._client.call(self.context.trajectory_id, call.tool, call.arguments, cls.timeout)
+                metadata, images = self._remote_context()
+                observation = await self.executor._client.call(
+                    self.context.trajectory_id, call.tool, call.arguments, cls.timeout, metadata, images
+                )
             else:
                 observation = await self._call_local(cls, arguments)
             status, error = "ok", None
@@ -171,6 +176,16 @@ class ToolSession:
             observation, status = Observation(f"Error: {error}"), "error"
         observation.text = truncate_text(observation.text, cls.max_output_chars)
         return ToolResult(call, observation, status, time.perf_counter() - started, error)
+
+    def _remote_context(self) -> tuple[dict[str, Any], list[str]]:
+        """The context as the tool server receives it: JSON-safe metadata (paths become strings)
+        and the images as base64 PNG, encoded once per trajectory."""
+        if self._remote is None:
+            from agentrl.client import encode_image
+
+            metadata = json.loads(json.dumps(self.context.metadata, default=str))
+            self._remote = (metadata, [encode_image(image) for image in self.context.images])
+        return self._remote
 
     async def _call_local(self, cls: type[Tool], arguments: dict[str, Any]) -> Observation:
         instance = await self._instance(cls)

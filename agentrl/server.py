@@ -10,9 +10,7 @@ other route needs the bearer token when one is set. Binds 127.0.0.1 unless told 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import io
 import secrets
 import time
 from typing import Any
@@ -29,6 +27,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
+from agentrl.client import decode_images, encode_image
 from agentrl.executor import ToolExecutor, ToolSession
 from agentrl.parsing import ToolCall
 from agentrl.tool import ToolContext
@@ -39,6 +38,7 @@ class CallRequest(BaseModel):
     tool: str
     arguments: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
+    images: list[str] = []  # base64 PNG: the task's images, used when the trajectory's session starts
 
 
 class BatchRequest(BaseModel):
@@ -47,12 +47,6 @@ class BatchRequest(BaseModel):
 
 class ReleaseRequest(BaseModel):
     trajectory_id: str
-
-
-def encode_image(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class BodyLimit:
@@ -102,9 +96,13 @@ class _Sessions:
         self.idle_ttl_s = idle_ttl_s
         self.sessions: dict[str, tuple[ToolSession, float]] = {}
 
-    def get(self, trajectory_id: str, metadata: dict[str, Any]) -> ToolSession:
+    def get(self, trajectory_id: str, metadata: dict[str, Any], images: list[str]) -> ToolSession:
         entry = self.sessions.get(trajectory_id)
-        session = entry[0] if entry else self.executor.session(trajectory_id, ToolContext(trajectory_id, metadata))
+        if entry:
+            session = entry[0]
+        else:
+            context = ToolContext(trajectory_id, metadata, decode_images(images))
+            session = self.executor.session(trajectory_id, context)
         self.sessions[trajectory_id] = (session, time.monotonic())
         return session
 
@@ -180,7 +178,10 @@ def create_app(
     @app.post("/call", dependencies=[Depends(authorise)])
     async def call(batch: BatchRequest) -> dict[str, Any]:
         async def one(index: int, item: CallRequest) -> dict[str, Any]:
-            session = sessions.get(item.trajectory_id, item.metadata)
+            try:
+                session = sessions.get(item.trajectory_id, item.metadata, item.images)
+            except Exception as error:  # undecodable images: the request is bad, not the server
+                raise HTTPException(422, f"request {index}: images are not base64 PNG/JPEG: {error}") from None
             (result,) = await session.run([ToolCall(item.tool, item.arguments, index=index)])
             calls.labels(item.tool, result.status).inc()
             latency.labels(item.tool).observe(result.latency_s)

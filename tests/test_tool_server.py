@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from agentrl.executor import ToolExecutor
 from agentrl.parsing import ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = "tests.helpers.demo_tools:Counter,tests.helpers.demo_tools:Pid,tests.helpers.demo_tools:Failing,tests.helpers.demo_tools:NoOp"
+TOOLS = ("tests.helpers.demo_tools:Counter,tests.helpers.demo_tools:Pid,tests.helpers.demo_tools:Failing,tests.helpers.demo_tools:NoOp,"
+         "tests.helpers.demo_tools:ContextEcho,sql")
 
 
 def free_port() -> int:
@@ -73,6 +75,39 @@ def test_round_trip_with_sticky_sessions(server):
     assert texts == ["a:1", "a:6", "b:1"]
     assert errors[0] == ("error", "Error: the file does not exist")
     assert errors[1][0] == "timeout" and errors[2][0] == "infra_error"
+
+
+def test_task_metadata_and_images_reach_the_served_tools(server, tmp_path):
+    from PIL import Image
+
+    from agentrl.client import encode_image
+    from agentrl.tool import ToolContext
+
+    url, _ = server
+    db_path = tmp_path / "tiny.sqlite"
+    connection = sqlite3.connect(db_path)
+    connection.executescript("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7), (8);")
+    connection.commit()
+    connection.close()
+    images = [Image.new("RGB", (12, 5), "red"), Image.new("L", (3, 4))]
+
+    async def main():
+        executor = ToolExecutor(TOOLS.split(","), server_url=url, token="s3cret")
+        async with executor.session("m", ToolContext("m", {"db_path": db_path}, images)) as session:
+            results = await session.run([ToolCall("context_echo", {}), ToolCall("sql", {"query": "SELECT sum(x) FROM t"})])
+        await executor.close()
+        return results
+
+    echo, sql = asyncio.run(main())
+    assert echo.observation.text == f"db_path={db_path} images=['12x5', '3x4']"
+    assert sql.status == "ok" and "15" in sql.observation.text
+    bad = {"requests": [{"trajectory_id": "bad", "tool": "context_echo", "images": ["not an image"]}]}
+    response = httpx.post(f"{url}/call", json=bad, headers={"Authorization": "Bearer s3cret"})
+    assert response.status_code == 422 and "images" in response.text
+    bomb = Image.new("1", (5000, 5000))  # 25 Mpixel, a few kB as PNG
+    bad["requests"][0]["images"] = [encode_image(bomb)]
+    response = httpx.post(f"{url}/call", json=bad, headers={"Authorization": "Bearer s3cret"})
+    assert response.status_code == 422 and "pixel limit" in response.text
 
 
 def test_batch_endpoint_answers_in_order_and_exposes_metrics(server):

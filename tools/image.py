@@ -117,6 +117,7 @@ class ImageTool(Tool):
             if not 0.0 <= factor <= 10.0:
                 raise ToolError("contrast factor must be between 0 and 10")
             result = ImageEnhance.Contrast(image.convert("RGB")).enhance(factor)
+        check_image(result)  # a rotation with expand can grow the canvas
         images.append(result)
         return Observation(f"image {len(images) - 1}: {operation} -> {result.width}x{result.height}", [result])
 

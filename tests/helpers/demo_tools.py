@@ -62,3 +62,11 @@ class NoOp(Tool):
 
     async def call(self, x: int = 0) -> str:
         return "ok"
+
+
+class ContextEcho(Tool):
+    """Report the trajectory's context: its metadata and the sizes of its images."""
+
+    def call(self, key: str = "db_path") -> str:
+        sizes = [f"{image.size[0]}x{image.size[1]}" for image in self.context.images]
+        return f"{key}={self.context.metadata.get(key)} images={sizes}"
