@@ -25,7 +25,7 @@ from agentrl.engines.base import Engine, SamplingParams
 from agentrl.envs.base import Env, Task
 from agentrl.executor import ToolExecutor, ToolResult, truncate_observation
 from agentrl.parsing import ParseResult
-from agentrl.tool import ToolContext
+from agentrl.tool import InfraError, ToolContext
 from agentrl.trajectory import ToolCallRecord, Trajectory
 
 
@@ -166,7 +166,12 @@ class RolloutWorker:
                 max_new_tokens=min(config.max_new_tokens, remaining), temperature=config.temperature,
                 top_p=config.top_p, stop=self.parser.stop_strings, seed=(run.seed * 100 + turn) % 2**31,
             )
-            result = await self.engine.generate(trajectory.input_ids, params)
+            try:
+                result = await self.engine.generate(trajectory.input_ids, params)
+            except InfraError as error:  # the inference server is down: not the policy's fault
+                trajectory.status, trajectory.stop_reason = "infra_error", "infra_error"
+                trajectory.metadata["infra_error"] = str(error)
+                return
             trajectory.append_model_tokens(result.token_ids, result.logprobs, turn, result.policy_version)
             if result.finish_reason == "abort":  # the server gave up mid-turn: continue the same turn
                 if not result.token_ids:
