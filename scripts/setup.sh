@@ -13,6 +13,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # bench/tool_server.py load generator
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
