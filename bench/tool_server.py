@@ -34,8 +34,11 @@ end
 
 
 def milliseconds(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"cannot read wrk's latency {text!r}")
+    value, unit = match.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
 def run_wrk(url: str, concurrency: int, seconds: int, script: str) -> tuple[float, float, float, int]:
@@ -43,9 +46,12 @@ def run_wrk(url: str, concurrency: int, seconds: int, script: str) -> tuple[floa
         ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds}s", "--latency", "-s", script, url],
         capture_output=True, text=True, check=True,
     ).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = milliseconds(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = milliseconds(re.search(r"99%\s+(\S+)", out).group(1))
+    try:
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        p50 = milliseconds(re.search(r"50%\s+(\S+)", out).group(1))
+        p99 = milliseconds(re.search(r"99%\s+(\S+)", out).group(1))
+    except (AttributeError, ValueError) as error:
+        raise RuntimeError(f"unexpected wrk output ({error}):\n{out}") from None
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return rate, p50, p99, int(errors.group(1)) if errors else 0
 
