@@ -96,6 +96,52 @@ def sft_command(config: ConfigArg = None, overrides: OverridesArg = None) -> Non
     console.print(f"fine-tuned model in {resolved.output_dir}/model; {shown}")
 
 
+@app.command("eval")
+def eval_command(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    samples: Annotated[int, typer.Option(help="trajectories per task")] = 1,
+) -> None:
+    """Run the env's eval split (HF engine, or rollout.engine=openai rollout.engine_url=URL) at
+    trainer.eval_temperature; print success, tool use and stop reasons; write trajectories JSONL."""
+    import asyncio
+
+    resolved = resolve_config(config, overrides)
+    from agentrl.evaluate import metrics_table, run_eval
+
+    try:
+        result = asyncio.run(run_eval(resolved, samples=samples))
+    except (FileNotFoundError, LookupError, ValueError) as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    console.print(metrics_table(result.metrics, f"{resolved.env.name}: {len(result.trajectories)} trajectories"))
+    console.print(f"trajectories in {resolved.output_dir}/eval/trajectories.jsonl; see them with "
+                  f"`agentrl view {resolved.output_dir}`")
+
+
+@app.command("view")
+def view_command(
+    run_dir: Annotated[str, typer.Argument(help="run directory holding trajectory *.jsonl files")],
+    out: Annotated[str | None, typer.Option(help="HTML file to write (default RUN_DIR/trajectories.html)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="decode spans with this tokenizer (name or path)")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many trajectories")] = None,
+) -> None:
+    """Write one self-contained HTML page showing the run's trajectories, token spans and tool calls."""
+    from agentrl.viewer import write_viewer
+
+    loaded = None
+    if tokenizer is not None:
+        from agentrl.models import load_tokenizer
+
+        loaded = load_tokenizer(tokenizer)
+    try:
+        path, count = write_viewer(run_dir, out, loaded, limit)
+    except FileNotFoundError as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"{count} trajectories in {path}")
+
+
 def _parse_options(pairs: list[str] | None) -> dict:
     from agentrl.config import parse_override
 

