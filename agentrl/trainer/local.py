@@ -315,7 +315,7 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                     loss, parts["loss/value"] = loss + value, value
                 loss.backward()
                 for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.trainer.max_grad_norm)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
             run.optimizer.step()
@@ -388,10 +388,21 @@ def train(config: RunConfig, model=None, tokenizer=None, console=None) -> Traine
             run.tokenizer.save_pretrained(output_dir / "model")
     finally:
         tracker.finish()
-        run.loop.run_until_complete(run.engine.close())
-        run.loop.run_until_complete(run.executor.close())
-        run.loop.close()
+        close_run(run)
     return run.state
+
+
+def close_run(run: Run) -> None:
+    """Stop the engine and tools, then cancel whatever else still waits on the run's event loop."""
+    run.loop.run_until_complete(run.engine.close())
+    run.loop.run_until_complete(run.executor.close())
+    pending = [task for task in asyncio.all_tasks(run.loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        run.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    run.loop.run_until_complete(run.loop.shutdown_asyncgens())
+    run.loop.close()
 
 
 def warm_start(run: Run, tracker) -> None:

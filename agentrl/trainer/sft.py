@@ -256,7 +256,7 @@ def sft_warm_start(run) -> dict[str, float]:
 def run_sft(config, console=None) -> dict[str, float]:
     """``agentrl sft CONFIG``: evaluate, fine-tune on demonstrations, evaluate, save to ``output_dir/model``."""
     from agentrl.tracking import Tracker
-    from agentrl.trainer.local import build_run, evaluate
+    from agentrl.trainer.local import build_run, close_run, evaluate
 
     run = build_run(config)
     tracker = Tracker(config.tracking.model_copy(update={"progress": False}), config.output_dir, 1,
@@ -274,6 +274,5 @@ def run_sft(config, console=None) -> dict[str, float]:
         run.tokenizer.save_pretrained(Path(config.output_dir) / "model")
     finally:
         tracker.finish()
-        run.loop.run_until_complete(run.engine.close())
-        run.loop.close()
+        close_run(run)
     return metrics

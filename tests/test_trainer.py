@@ -1,0 +1,130 @@
+"""The local trainer end to end on the CPU with a tiny model: it trains, it learns a trivial tool-use
+task, and a run killed with SIGKILL resumes to exactly the weights and metrics of an unbroken run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from agentrl.config import build_config
+from agentrl.tracking import read_metrics
+from agentrl.trainer.local import train
+from tests.helpers.ping_env import write_demonstrations
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ping_config(model_dir, output_dir, demonstrations, **sections) -> dict:
+    config = {
+        "output_dir": str(output_dir),
+        "model": {"name": str(model_dir)},
+        "env": {"name": "tests.helpers.ping_env:PingEnv", "eval_size": 8},
+        "rollout": {"group_size": 4, "max_turns": 2, "max_new_tokens": 10, "max_response_tokens": 40, "max_batch_size": 32},
+        "algo": {"advantage": "grpo"},
+        "trainer": {"steps": 3, "prompts_per_step": 4, "minibatch_size": 8, "micro_batch_size": 4, "lr": 2e-3,
+                    "eval_every": 0, "eval_before": False, "torch_threads": 1, "seed": 0},
+        "sft": {"enabled": True, "data": str(demonstrations), "epochs": 10, "lr": 1e-2, "batch_size": 8},
+        "tracking": {"progress": False, "sample_trajectories": 2},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values) if isinstance(values, dict) else config.update({section: values})
+    return config
+
+
+@pytest.fixture()
+def demonstrations(tmp_path):
+    return write_demonstrations(tmp_path / "demos.jsonl")
+
+
+def test_a_tiny_model_trains_three_steps_end_to_end(tmp_path, tiny_model_dir, demonstrations):
+    config = build_config(ping_config(tiny_model_dir, tmp_path / "run", demonstrations,
+                                      trainer={"eval_every": 3, "eval_before": True}))
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    state = train(config)
+    assert state.step == 3 and state.policy_version == 4 and state.data_position == 12  # SFT bumped it once
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert "eval/success_rate" in rows[0] and "eval_base/success_rate" in rows[0] and "eval/success_rate" in rows[3]
+    assert rows[0]["sft/loss_last"] < rows[0]["sft/loss_first"]
+    for row in rows[1:]:
+        assert row["trajectories"] == 16 and row["grad_norm"] > 0 and row["rollout/logprob_mismatch"] < 1e-3
+    final = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    samples = (tmp_path / "run" / "samples" / "step-000003.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and json.loads(samples[0])["segments"][0]["role"] == "assistant"
+    assert (tmp_path / "run" / "plot.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    assert rows[-1]["memory/peak_rss_gib"] > 0 and rows[-1]["lr"] == pytest.approx(2e-3)
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, tiny_model_dir, demonstrations):
+    config = build_config(ping_config(tiny_model_dir, tmp_path / "run", demonstrations, trainer={"steps": 1}))
+    train(config)
+    with pytest.raises(FileExistsError, match="resume=true"):
+        train(config)
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_to_call_the_tool(tmp_path, tiny_model_dir, demonstrations):
+    config = build_config(ping_config(tiny_model_dir, tmp_path / "run", demonstrations,
+                                      rollout={"group_size": 8},
+                                      trainer={"steps": 10, "eval_every": 10, "eval_before": True, "prompts_per_step": 6,
+                                               "minibatch_size": 64, "micro_batch_size": 16}))
+    train(config)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r and r["step"] > 0]
+    assert sum(rewards[:3]) / 3 < 0.5  # the warm-started policy rarely pings
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+
+
+def _run_cli(config: dict, path: Path) -> subprocess.Popen:
+    path.write_text(yaml.safe_dump(config))
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "agentrl.cli", "train", str(path)], cwd=ROOT, env=environment,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _comparable(rows):
+    noisy = ("time", "latency", "memory")
+    return [{k: v for k, v in row.items() if not any(word in k for word in noisy)} for row in rows]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_weights_and_metrics(tmp_path, tiny_model_dir, demonstrations):
+    # max_batch_size=1: each request decodes alone, so no padding or batch shape changes the numbers
+    straight = ping_config(tiny_model_dir, tmp_path / "straight", demonstrations,
+                           trainer={"steps": 4, "deterministic": True}, rollout={"max_batch_size": 1})
+    broken = {**straight, "output_dir": str(tmp_path / "broken")}
+    process = _run_cli(straight, tmp_path / "straight.yaml")
+    assert process.wait(timeout=240) == 0, process.stderr.read()
+
+    process = _run_cli(broken, tmp_path / "broken.yaml")
+    pointer = tmp_path / "broken" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (pointer.is_file() and pointer.read_text().strip() == "step-000002"):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "broken" / "checkpoints" / "step-000004").exists()
+
+    process = _run_cli({**broken, "resume": True}, tmp_path / "resume.yaml")
+    assert process.wait(timeout=240) == 0, process.stderr.read()
+
+    expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "broken" / "model" / "model.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+    straight_rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    resumed_rows = read_metrics(tmp_path / "broken" / "metrics.jsonl")
+    assert [r["step"] for r in resumed_rows] == [0, 1, 2, 3, 4]
+    assert _comparable(resumed_rows) == _comparable(straight_rows)
