@@ -30,8 +30,8 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
     ]
 
 
-def sequential(model, tokenizer, prompt_ids, max_new_tokens) -> tuple[int, float]:
-    tokens = 0
+def sequential(model, tokenizer, prompt_ids, max_new_tokens) -> tuple[list[list[int]], float]:
+    outputs = []
     started = time.perf_counter()
     with torch.inference_mode():
         for ids in prompt_ids:
@@ -39,11 +39,11 @@ def sequential(model, tokenizer, prompt_ids, max_new_tokens) -> tuple[int, float
                 torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             )
-            tokens += output.shape[1] - len(ids)
-    return tokens, time.perf_counter() - started
+            outputs.append(output[0, len(ids) :].tolist())  # one row: no padding after EOS
+    return outputs, time.perf_counter() - started
 
 
-def batched(model, tokenizer, prompt_ids, max_new_tokens, max_batch_size) -> tuple[int, float]:
+def batched(model, tokenizer, prompt_ids, max_new_tokens, max_batch_size) -> tuple[list[list[int]], float]:
     async def main():
         engine = HFEngine(model, tokenizer, max_batch_size=max_batch_size)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
@@ -51,7 +51,7 @@ def batched(model, tokenizer, prompt_ids, max_new_tokens, max_batch_size) -> tup
         results = await asyncio.gather(*(engine.generate(ids, params) for ids in prompt_ids))
         elapsed = time.perf_counter() - started
         await engine.close()
-        return sum(len(r.token_ids) for r in results), elapsed
+        return [r.token_ids for r in results], elapsed
 
     return asyncio.run(main())
 
@@ -68,13 +68,16 @@ def main() -> None:
     model.eval()
     prompt_ids = prompts(tokenizer, args.requests)
     batched(model, tokenizer, prompt_ids[:2], 4, args.requests)  # warm-up
-    seq_tokens, seq_time = sequential(model, tokenizer, prompt_ids, args.max_new_tokens)
-    bat_tokens, bat_time = batched(model, tokenizer, prompt_ids, args.max_new_tokens, args.requests)
+    seq_outputs, seq_time = sequential(model, tokenizer, prompt_ids, args.max_new_tokens)
+    bat_outputs, bat_time = batched(model, tokenizer, prompt_ids, args.max_new_tokens, args.requests)
+    seq_tokens, bat_tokens = sum(map(len, seq_outputs)), sum(map(len, bat_outputs))
+    same = sum(a == b for a, b in zip(seq_outputs, bat_outputs))
     seq_rate, bat_rate = seq_tokens / seq_time, bat_tokens / bat_time
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"{'method':<34}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
     print(f"{'model.generate, one at a time':<34}{seq_tokens:>8}{seq_time:>10.1f}{seq_rate:>10.1f}")
     print(f"{'HFEngine, ' + str(args.requests) + ' concurrent':<34}{bat_tokens:>8}{bat_time:>10.1f}{bat_rate:>10.1f}")
+    print(f"identical greedy outputs: {same}/{len(prompt_ids)}")
     print(f"speed-up: {bat_rate / seq_rate:.2f}x")
 
 

@@ -45,7 +45,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.policy_version = 0
-        self.batch_sizes: Counter[int] = Counter()  # how many requests each batch held
+        self.batch_sizes: Counter[int] = Counter()  # requests each batch started with
         self.forward_calls = 0
         self.joined = 0  # requests that joined a batch already decoding
         self._joining: queue.SimpleQueue[_Request] = queue.SimpleQueue()
