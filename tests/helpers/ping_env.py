@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from agentrl.envs.base import Env, Reward, Task
+
 from agentrl.tool import Tool
 
 WORDS = ["apple", "river", "stone", "cloud", "maple", "ember", "delta", "orbit", "quartz", "willow", "cedar", "harbor"]
