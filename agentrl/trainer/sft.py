@@ -123,10 +123,10 @@ def _search_qa_actions(row: dict[str, Any]) -> list[str]:
 
 def _math_code_actions(row: dict[str, Any]) -> list[str]:
     question = row["question"]
-    if match := re.search(r"What is (.+)\?", question):
-        code = f"print({match.group(1)})"
-    elif match := re.search(r"remainder of (\d+) divided by (\d+)", question):
+    if match := re.search(r"remainder of (\d+) divided by (\d+)", question):
         code = f"print({match.group(1)} % {match.group(2)})"
+    elif match := re.search(r"What is ([\d\s+\-*/()]+)\?", question):
+        code = f"print({match.group(1).strip()})"
     elif numbers := re.findall(r"\d+", question):
         code = "print(" + " * ".join(numbers) + ")"
     else:
