@@ -103,7 +103,9 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     elif config.algo.kl_coef > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient checkpointing to activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     value_head = None
     parameters = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": trainer.lr}]
     if config.algo.advantage == "gae":
