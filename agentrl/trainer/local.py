@@ -103,9 +103,10 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     elif config.algo.kl_coef > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if config.model.gradient_checkpointing:
-        # transformers 5 renamed gradient checkpointing to activation checkpointing
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     value_head = None
     parameters = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": trainer.lr}]
     if config.algo.advantage == "gae":
