@@ -86,6 +86,9 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
 
     transformers_logging.disable_progress_bar()  # the run has its own progress display
     trainer = config.trainer
+    if config.rollout.engine != "hf":
+        raise ValueError(f"the local trainer samples with the HF engine that shares its module; rollout.engine="
+                         f"{config.rollout.engine} is not supported here: set rollout.engine=hf")
     if trainer.torch_threads:
         torch.set_num_threads(trainer.torch_threads)
     if trainer.deterministic:
