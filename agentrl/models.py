@@ -142,8 +142,14 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
     return model, tokenizer
 
 
-def tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
-    """A randomly initialised model of the SmolLM2 architecture (Llama) for fast tests."""
+def tiny_model(
+    tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = True
+):
+    """A randomly initialised model of the SmolLM2 architecture (Llama) for fast tests.
+
+    With tied embeddings (as in SmolLM2) a random model's greedy output mostly echoes the last
+    prompt token; untie them where a test needs greedy outputs that differ between prompts.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -154,7 +160,7 @@ def tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int 
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,  # tied random embeddings make greedy decoding echo the last token
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

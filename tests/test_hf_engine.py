@@ -8,6 +8,7 @@ import torch
 
 from agentrl.engines.base import Engine, SamplingParams
 from agentrl.engines.hf import HFEngine
+from agentrl.models import tiny_model as make_tiny_model
 
 PROMPTS = [
     "Tell me about the weather today.",
@@ -15,6 +16,12 @@ PROMPTS = [
     "Write a very long story about a dragon who learned to fly over the mountains.",
     "Hi",
 ]
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    """Untied embeddings, so greedy outputs differ between prompts and the batch tests mean something."""
+    return make_tiny_model(tokenizer, tie_word_embeddings=False).eval()
 
 
 def chat_ids(tokenizer, text):
