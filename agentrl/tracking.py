@@ -91,8 +91,9 @@ class Tracker:
                     backends[backend] = mlflow.start_run(run_name=name)
                     mlflow.log_params({k: str(v)[:250] for k, v in _flatten(run_config).items()})
             except ImportError as error:
-                self.console.print(f"[yellow]tracking backend '{backend}' is not installed ({error.name}); "
-                                   "install it with: pip install 'agentrl[track]'. Logging to metrics.jsonl only.[/]")
+                self.console.print(f"tracking backend '{backend}' is not installed ({error.name}); install it with: "
+                                   "pip install 'agentrl[track]'. Logging to metrics.jsonl only.",
+                                   style="yellow", markup=False, soft_wrap=True)
         return backends
 
     # -- logging ---------------------------------------------------------------------------
