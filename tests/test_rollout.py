@@ -10,7 +10,7 @@ from agentrl.envs.search_qa import SearchQAEnv
 from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.executor import ToolExecutor
 from agentrl.rollout import RolloutWorker
-from tests.helpers.scripted import ScriptedEngine
+from tests.helpers.scripted import ModelThenScript, ScriptedEngine
 
 QUESTION = {"id": "q0", "question": "What was the profession of Laskam Glimbys?", "golden_answers": ["beekeeper"]}
 
@@ -126,8 +126,10 @@ def test_observations_are_cut_to_the_token_budget(tokenizer):
     assert "tokens truncated" in observation and len(tokenizer.encode(observation)) < 45
 
 
-def test_a_slow_tool_does_not_delay_other_trajectories(tokenizer):
+def test_a_slow_tool_does_not_delay_other_trajectories(tokenizer, tiny_model):
     from agentrl.envs.base import Reward, Task
+
+    from agentrl.engines.hf import HFEngine
 
     class SleepEnv(SearchQAEnv):
         tools = ("tests.helpers.demo_tools:Sleeper",)
@@ -147,20 +149,23 @@ def test_a_slow_tool_does_not_delay_other_trajectories(tokenizer):
         return f"<sleep>{2.0 if slow else 0.05}</sleep>"
 
     env = SleepEnv()
-    rollout = RolloutWorker(ScriptedEngine(tokenizer, script, 0.01), tokenizer, env,
-                            ToolExecutor(["tests.helpers.demo_tools:Sleeper"]), RolloutConfig(max_turns=5), ToolsConfig())
+    engine = ModelThenScript(HFEngine(tiny_model, tokenizer), tokenizer, script, tokens=4)
+    rollout = RolloutWorker(engine, tokenizer, env, ToolExecutor(["tests.helpers.demo_tools:Sleeper"]),
+                            RolloutConfig(max_turns=5), ToolsConfig())
     finished = {}
 
     async def main():
         async def one(name):
-            await rollout.run_trajectory(env.make_task({"id": name}, 0))
-            finished[name] = time.perf_counter() - started
+            trajectory = await rollout.run_trajectory(env.make_task({"id": name}, 0))
+            finished[name] = (time.perf_counter() - started, trajectory.num_turns)
 
         started = time.perf_counter()
-        await asyncio.gather(one("slow"), one("fast"))
+        await asyncio.gather(one("slow"), one("fast-a"), one("fast-b"))
 
     asyncio.run(main())
-    assert finished["fast"] < 1.0 < 2.0 <= finished["slow"]
+    # the fast ones ran 4 turns (3 tool calls) while the slow one sat in its single 2 s call
+    assert finished["fast-a"][1] == finished["fast-b"][1] == 4 and finished["slow"][1] == 2
+    assert max(finished["fast-a"][0], finished["fast-b"][0]) < 1.5 < 2.0 <= finished["slow"][0]
 
 
 def test_infra_error_is_excluded_from_the_loss_and_counted(tokenizer):

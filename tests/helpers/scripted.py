@@ -31,3 +31,18 @@ class ScriptedEngine:
 
     async def close(self):
         pass
+
+
+class ModelThenScript(ScriptedEngine):
+    """Real generation through ``engine`` (``tokens`` sampled tokens, batched with every other
+    trajectory's requests, then discarded), followed by the script's action: real engine timing
+    and contention with deterministic actions."""
+
+    def __init__(self, engine, tokenizer, script, tokens: int = 4):
+        super().__init__(tokenizer, script)
+        self.engine = engine
+        self.tokens = tokens
+
+    async def generate(self, prompt_ids, params: SamplingParams) -> GenerationResult:
+        await self.engine.generate(prompt_ids, SamplingParams(max_new_tokens=self.tokens, temperature=1.0, seed=params.seed))
+        return await super().generate(prompt_ids, params)
