@@ -223,3 +223,28 @@ def test_in_flight_requests_keep_their_policy_version_across_a_weight_update(tin
     first, later = run(main())
     assert len(first.token_ids) == 40 and first.policy_version == 0
     assert later.policy_version == 1
+
+
+def test_sampling_follows_the_temperature_and_top_p_distribution():
+    from agentrl.engines.hf import _Request
+
+    logits = torch.full((1000,), -float("inf"))
+    logits[[3, 500, 998, 999]] = torch.tensor([0.1, 0.2, 0.3, 0.4]).log()
+    draws = 8000
+
+    def frequencies(**params):
+        request = _Request([1], SamplingParams(**params), None, generator=torch.Generator().manual_seed(0))
+        counts = torch.bincount(torch.tensor([HFEngine._sample(logits, request) for _ in range(draws)]), minlength=1000)
+        return counts.float() / draws
+
+    plain = frequencies(temperature=1.0)
+    assert plain.sum() == 1 and set(plain.nonzero().flatten().tolist()) == {3, 500, 998, 999}
+    assert torch.allclose(plain[[3, 500, 998, 999]], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.02)
+    # top-p 0.65 keeps the two most likely tokens (0.4 + 0.3), renormalised
+    nucleus = frequencies(temperature=1.0, top_p=0.65)
+    assert set(nucleus.nonzero().flatten().tolist()) == {998, 999}
+    assert abs(float(nucleus[999]) - 4 / 7) < 0.02
+    # temperature 0.5 squares the probabilities before normalising
+    sharp = frequencies(temperature=0.5)
+    expected = torch.tensor([0.01, 0.04, 0.09, 0.16]) / 0.30
+    assert torch.allclose(sharp[[3, 500, 998, 999]], expected, atol=0.02)
