@@ -69,3 +69,35 @@ def test_learning_rate_schedules():
     linear = lr_lambda(0, 4, "linear")
     assert [linear(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_lambda(1, 4, "constant")(3) == 1.0
+
+
+def test_a_single_update_without_the_scoring_pass_gives_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """One optimizer step on the whole batch takes pi_old from the training forward pass instead of
+    a separate scoring pass: the resulting weights must be those of the scoring path."""
+    import agentrl.trainer.local as local
+
+    single_update = local.single_update
+    data = {
+        "output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)},
+        "env": {"name": "tests.helpers.ping_env:PingEnv", "eval_size": 2},
+        "rollout": {"group_size": 3, "max_turns": 2, "max_new_tokens": 6, "max_response_tokens": 24},
+        "trainer": {"steps": 1, "prompts_per_step": 2, "minibatch_size": 6, "micro_batch_size": 2, "lr": 1e-3,
+                    "torch_threads": 1, "seed": 3},
+    }
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(local, "single_update", lambda config, size, fast=fast: fast)
+        run = build_run(build_config(data))
+        reward = run.env.reward
+        run.env.reward = lambda task, trajectory, reward=reward: reward(task, trajectory).__class__(rewarded(trajectory))
+        try:
+            metrics, _ = train_step(run)
+        finally:
+            close_run(run)
+        results.append((metrics, [p.detach().clone() for p in run.model.parameters()]))
+    (fast_metrics, fast_weights), (slow_metrics, slow_weights) = results
+    assert fast_metrics["grad_norm"] > 0
+    assert fast_metrics["grad_norm"] == pytest.approx(slow_metrics["grad_norm"], rel=1e-4)
+    assert fast_metrics["rollout/logprob_mismatch"] == pytest.approx(slow_metrics["rollout/logprob_mismatch"], abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_weights, slow_weights))
+    assert single_update(build_config(data), 6) and not single_update(build_config(data), 7)

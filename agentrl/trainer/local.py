@@ -227,6 +227,13 @@ def score_batch(run: Run, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor
     return old, reference, values
 
 
+def single_update(config: RunConfig, batch_size: int) -> bool:
+    """Whether the update is one optimizer step on the whole batch with nothing else needing the
+    pre-update policy's outputs up front (a reference model's logprobs, GAE's values)."""
+    return (config.trainer.epochs == 1 and config.trainer.minibatch_size >= batch_size
+            and config.algo.kl_coef == 0 and config.algo.advantage != "gae")
+
+
 def compute_advantages(batch: TrainBatch, loss_mask: torch.Tensor, algo: AlgoConfig,
                        values: torch.Tensor | None = None,
                        token_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -272,24 +279,27 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     """PPO epochs over shuffled minibatches, gradients accumulated over micro-batches."""
     config, algo = run.config, run.config.algo
     loss_mask = batch.loss_mask
-    old, reference, old_values = score_batch(run, batch)
     kl_in_reward = algo.advantage in ("reinforce_pp", "gae")
+    if single_update(config, batch.size):
+        # One optimizer step: the policy before the update is the one the training forward pass
+        # runs, so its detached logprobs are pi_old exactly and a separate scoring pass is saved.
+        old = reference = old_values = None
+    else:
+        old, reference, old_values = score_batch(run, batch)
     token_kl = losses.kl_penalty(old, reference, algo.kl_type) if reference is not None and kl_in_reward else None
     advantages, returns = compute_advantages(batch, loss_mask, algo, old_values, token_kl)
-    is_weights = losses.stale_importance_weights(old, batch.sampling_logprobs, batch.stale, algo.stale_is_cap)
-    fresh = loss_mask * (1 - batch.stale)
     metrics = {
-        "rollout/logprob_mismatch": float(((old - batch.sampling_logprobs).abs() * fresh).sum() / fresh.sum().clamp(min=1)),
         "rollout/stale_fraction": float((batch.stale * loss_mask).sum() / loss_mask.sum()),
         "advantage/mean": float(adv.masked_mean(advantages, loss_mask)),
         "advantage/abs_mean": float(adv.masked_mean(advantages.abs(), loss_mask)),
     }
+    mismatch = [0.0, 0.0]  # |pi_old - mu| over the fresh model tokens (first epoch), and their count
     sums: dict[str, float] = {}
     generator = torch.Generator().manual_seed(config.trainer.seed * 100_003 + step)
     run.model.train()
     parameters = [p for group in run.optimizer.param_groups for p in group["params"]]
     updates = 0
-    for _ in range(config.trainer.epochs):
+    for epoch in range(config.trainer.epochs):
         order = torch.randperm(batch.size, generator=generator)
         for minibatch in micro_batches(order, config.trainer.minibatch_size):
             totals = {"batch_tokens": float(loss_mask[minibatch].sum()), "batch_sequences": float(len(minibatch)),
@@ -305,8 +315,15 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
 
                 with autocast(run):
                     out = forward_response(run.model, sub, run.value_head, with_entropy=algo.entropy_coef > 0)
-                token_loss, clipped = policy_token_loss(out.logprobs, cut(old), cut(advantages), mask, algo, generator)
-                policy_loss = losses.aggregate_loss(token_loss * cut(is_weights), mask, algo.loss_agg, **totals)
+                old_sub = out.logprobs.detach() if old is None else cut(old)
+                sampling, stale = cut(batch.sampling_logprobs), cut(batch.stale)
+                if epoch == 0:
+                    fresh = mask * (1 - stale)
+                    mismatch[0] += float(((old_sub - sampling).abs() * fresh).sum())
+                    mismatch[1] += float(fresh.sum())
+                is_weights = losses.stale_importance_weights(old_sub, sampling, stale, algo.stale_is_cap)
+                token_loss, clipped = policy_token_loss(out.logprobs, old_sub, cut(advantages), mask, algo, generator)
+                policy_loss = losses.aggregate_loss(token_loss * is_weights, mask, algo.loss_agg, **totals)
                 loss = policy_loss
                 parts = {"loss/policy": policy_loss, "clip_fraction": losses.aggregate_loss(clipped, mask, algo.loss_agg, **totals)}
                 if reference is not None and not kl_in_reward:
@@ -329,6 +346,7 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     run.optimizer.zero_grad(set_to_none=True)
     run.model.eval()
     metrics.update({key: value / updates for key, value in sums.items()})
+    metrics["rollout/logprob_mismatch"] = mismatch[0] / max(mismatch[1], 1.0)
     metrics["lr"] = run.optimizer.param_groups[0]["lr"]
     metrics["update/trajectories"] = float(batch.size)
     return metrics
