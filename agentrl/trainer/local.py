@@ -8,6 +8,7 @@ logging and checkpointing after every step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import math
 import resource
@@ -176,12 +177,28 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
         metrics.update(update_policy(run, batch, step))
     else:
         metrics["update/skipped"] = 1.0
+    release_memory()
     run.scheduler.step()
     run.engine.update_weights()  # the engine shares the module: the next rollout samples the new policy
     metrics["time/update_s"] = time.perf_counter() - update_started
     metrics["time/step_s"] = time.perf_counter() - started
     metrics["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return metrics, trajectories
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps large freed blocks (activations, logits
+    over the vocabulary, the SFT optimizer's state) in its arenas, so without this a CPU run's
+    resident memory carries one phase's high-water mark into the next."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and "libc.so" in libc:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc).malloc_trim(0)
 
 
 def tool_use_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
@@ -440,6 +457,7 @@ def warm_start(run: Run, tracker) -> None:
         if config.trainer.eval_before:
             metrics.update(evaluate(run, "eval_base"))
         metrics.update(sft_warm_start(run))
+        release_memory()  # the SFT optimizer's state and activations
         run.engine.update_weights()
     if config.trainer.eval_before:
         metrics.update(evaluate(run))
