@@ -274,11 +274,12 @@ def serve_retriever_command(
     port: Annotated[int, typer.Option(help="port")] = 8000,
     max_topk: Annotated[int, typer.Option(help="largest topk a request may ask for")] = 100,
     batching: Annotated[bool, typer.Option(help="micro-batch concurrent requests")] = True,
+    workers: Annotated[int, typer.Option(help="server processes sharing the port and the memory-mapped index")] = 1,
 ) -> None:
     """Serve an index over HTTP with the Search-R1 /retrieve protocol."""
     from agentrl.retrieval.server import serve_retriever
 
-    serve_retriever(index, host=host, port=port, max_topk=max_topk, batching=batching)
+    serve_retriever(index, host=host, port=port, max_topk=max_topk, batching=batching, workers=workers)
 
 
 @serve_app.command("sandbox")

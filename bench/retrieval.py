@@ -56,9 +56,10 @@ def wrk_script(queries: list[str], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def start(index_dir: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def start(index_dir: Path, batching: bool, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "agentrl.cli", "serve", "retriever", "--index", str(index_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "agentrl.cli", "serve", "retriever", "--index", str(index_dir), "--port", str(port),
+               "--workers", str(workers)]
     process = subprocess.Popen(command + ([] if batching else ["--no-batching"]), env=dict(os.environ, PYTHONPATH=str(ROOT)))
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -99,18 +100,23 @@ def main() -> None:
     print(f"HTTP, {args.concurrency} connections, {args.seconds} s each, wrk on 127.0.0.1:")
     print(f"{'server':<28}{'queries/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     rates = {}
-    for batching in (True, False):
-        process, url = start(work / "bm25", batching)
+    for batching, workers in ((True, 1), (True, 2), (False, 1)):
+        process, url = start(work / "bm25", batching, workers)
         try:
             run_wrk(url, 8, 1, str(work / "load.lua"))  # warm-up
             rate, p50, p99, errors = run_wrk(url, args.concurrency, args.seconds, str(work / "load.lua"))
         finally:
-            process.kill()
-            process.wait()
-        name = "micro-batched" if batching else "one request at a time"
-        rates[batching] = rate
+            process.terminate()  # uvicorn's supervisor stops its worker processes on SIGTERM
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        name = ("micro-batched" if batching else "one request at a time") + (f", {workers} workers" if workers > 1 else "")
+        rates[batching, workers] = rate
         print(f"{name:<28}{rate:>10.0f}{p50:>9.2f}{p99:>9.2f}{errors:>8}")
-    print(f"micro-batching speed-up: {rates[True] / rates[False]:.2f}x")
+    print(f"micro-batching speed-up: {rates[True, 1] / rates[False, 1]:.2f}x (1 worker), "
+          f"{rates[True, 2] / rates[False, 1]:.2f}x (2 workers)")
 
     bm25 = Index.load(work / "bm25")
     p50, p99 = latency_ms(bm25, queries)

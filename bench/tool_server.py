@@ -48,8 +48,9 @@ def run_wrk(url: str, concurrency: int, seconds: int, script: str) -> tuple[floa
     ).stdout
     try:
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        p50 = milliseconds(re.search(r"50%\s+(\S+)", out).group(1))
-        p99 = milliseconds(re.search(r"99%\s+(\S+)", out).group(1))
+        # anchored: the thread-stats lines end in percentages such as "82.50%" too
+        p50 = milliseconds(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+        p99 = milliseconds(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
     except (AttributeError, ValueError) as error:
         raise RuntimeError(f"unexpected wrk output ({error}):\n{out}") from None
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

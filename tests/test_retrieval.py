@@ -110,3 +110,52 @@ def test_batched_bm25_scores_equal_bm25s_own_retrieval(bm25_index):
     for row, hits in enumerate(ours):
         assert [h.score for h in hits] == pytest.approx(scores[row].tolist(), rel=1e-5)
         assert hits[0].document == bm25_index.documents[int(indices[row][0])]
+
+
+def test_two_worker_processes_serve_the_same_index(tmp_path):
+    """`agentrl serve retriever --workers 2`: both processes answer correctly on one port, and
+    stopping the command stops them all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.servers import free_port
+
+    Index.build(f"{DATA}/corpus.jsonl", tmp_path / "index", "bm25", show_progress=False)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "agentrl.cli", "serve", "retriever", "--index", str(tmp_path / "index"),
+                                "--port", str(port), "--workers", "2"], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+            time.sleep(0.2)
+        qs = questions()[:40]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                return await asyncio.gather(*(client.post("/retrieve", json={"queries": [q["question"]], "topk": 1}) for q in qs))
+
+        responses = asyncio.run(main())
+        assert all(q["entity"] in r.json()["result"][0][0]["contents"] for q, r in zip(qs, responses))
+        children = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 3  # the supervisor and its two workers
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits a moment after the workers
+    while subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "server processes outlived the command"
+        time.sleep(0.2)

@@ -11,6 +11,7 @@ so the event loop never blocks and throughput grows with load.
 import asyncio
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +117,23 @@ def create_app(index: Index, max_topk: int = 100, max_queries: int = 1024, batch
 
 
 def serve_retriever(index_dir: str, host: str = "127.0.0.1", port: int = 8000, max_topk: int = 100,
-                    batching: bool = True) -> None:
+                    batching: bool = True, workers: int = 1) -> None:
+    """Serve ``index_dir``. With ``workers > 1`` uvicorn runs that many processes on one socket;
+    each maps the same index files (the pages are shared) and micro-batches its own requests."""
     import uvicorn
 
-    app = create_app(Index.load(index_dir), max_topk=max_topk, batching=batching)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    Index.load(index_dir)  # fail here, with the reason, rather than in every worker
+    os.environ[_ENV] = json.dumps({"index_dir": index_dir, "max_topk": max_topk, "batching": batching})
+    uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False)
+
+
+_ENV = "AGENTRL_RETRIEVER"
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory each uvicorn worker process calls (settings come through the environment)."""
+    settings = json.loads(os.environ[_ENV])
+    return create_app(Index.load(settings["index_dir"]), max_topk=settings["max_topk"], batching=settings["batching"])
