@@ -203,6 +203,12 @@ def main() -> None:
     print(f"{'turn-synchronous batched':<28}{synchronous:>8.2f}")
     print(f"{'async per trajectory':<28}{asynchronous:>8.2f}")
     print(f"speed-up: {synchronous / asynchronous:.2f}x")
+    # What tools alone allow: the synchronous loop waits for the slowest call of every turn, the
+    # asynchronous one for the trajectory whose calls add up to the most.
+    per_turn_max = sum(max(plan[turn] for plan in plans) for turn in range(args.turns)) / 1000
+    longest = max(map(sum, plans)) / 1000
+    print(f"tool waits alone: {per_turn_max:.2f} s synchronous vs {longest:.2f} s asynchronous "
+          f"(ratio {per_turn_max / longest:.2f}x; generation adds to both)")
     print()
     print(f"partial rollouts: {args.steps} steps of {args.groups} groups x 4 samples, 1-8 tool turns (long tail), "
           "over-provision 1.5, max staleness 2")
