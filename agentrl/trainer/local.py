@@ -13,6 +13,7 @@ import copy
 import math
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,11 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
     else:
         metrics["update/skipped"] = 1.0
     release_memory()
-    run.scheduler.step()
+    with warnings.catch_warnings():
+        # The schedule counts RL steps, also those whose update was skipped (before any
+        # optimizer step, torch would warn that the order looks wrong).
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        run.scheduler.step()
     run.engine.update_weights()  # the engine shares the module: the next rollout samples the new policy
     metrics["time/update_s"] = time.perf_counter() - update_started
     metrics["time/step_s"] = time.perf_counter() - started
