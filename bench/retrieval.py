@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -22,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from agentrl.retrieval.index import Index, read_corpus  # noqa: E402
 from bench.tool_server import run_wrk  # noqa: E402
-from tests.helpers.servers import free_port  # noqa: E402
+from tests.helpers.servers import free_port, start_cli_server  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "zu", "ther", "vin", "dra", "quo", "sel", "bri", "nox", "tal", "pem", "ru", "gha", "fen"]
 TOPICS = ["river", "mill", "harbour", "guild", "tower", "orchard", "market", "bridge", "library", "forge"]
@@ -58,18 +55,9 @@ def wrk_script(queries: list[str], path: Path) -> None:
 
 def start(index_dir: Path, batching: bool, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "agentrl.cli", "serve", "retriever", "--index", str(index_dir), "--port", str(port),
-               "--workers", str(workers)]
-    process = subprocess.Popen(command + ([] if batching else ["--no-batching"]), env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("retriever did not start")
+    args = ["serve", "retriever", "--index", str(index_dir), "--workers", str(workers)]
+    process = start_cli_server(args + ([] if batching else ["--no-batching"]), port, timeout=60)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def latency_ms(index: Index, queries: list[str], repeats: int = 200) -> tuple[float, float]:

@@ -118,26 +118,16 @@ def test_two_worker_processes_serve_the_same_index(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
-    from tests.helpers.servers import free_port
+    from tests.helpers.servers import free_port, start_cli_server
 
     Index.build(f"{DATA}/corpus.jsonl", tmp_path / "index", "bm25", show_progress=False)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "agentrl.cli", "serve", "retriever", "--index", str(tmp_path / "index"),
-                                "--port", str(port), "--workers", "2"], start_new_session=True)
+    process = start_cli_server(["serve", "retriever", "--index", str(tmp_path / "index"), "--workers", "2"], port,
+                               timeout=60, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
-            time.sleep(0.2)
         qs = questions()[:40]
 
         async def main():

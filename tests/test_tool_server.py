@@ -2,12 +2,9 @@
 survives a killed and restarted server."""
 
 import asyncio
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,35 +13,16 @@ import pytest
 
 from agentrl.executor import ToolExecutor
 from agentrl.parsing import ToolCall
+from tests.helpers.servers import free_port, start_cli_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("tests.helpers.demo_tools:Counter,tests.helpers.demo_tools:Pid,tests.helpers.demo_tools:Failing,tests.helpers.demo_tools:NoOp,"
          "tests.helpers.demo_tools:ContextEcho,sql")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(port: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agentrl.cli", "serve", "tools", "--tools", TOOLS, "--port", str(port), *extra],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode())
-    process.kill()
-    raise RuntimeError("tool server did not start")
+    return start_cli_server(["serve", "tools", "--tools", TOOLS, *extra], port,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 @pytest.fixture()

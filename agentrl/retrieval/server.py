@@ -124,7 +124,11 @@ def serve_retriever(index_dir: str, host: str = "127.0.0.1", port: int = 8000, m
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    Index.load(index_dir)  # fail here, with the reason, rather than in every worker
+    index = Index.load(index_dir)  # a bad index fails here, with the reason, not in every worker
+    if workers == 1:
+        uvicorn.run(create_app(index, max_topk=max_topk, batching=batching), host=host, port=port,
+                    log_level="warning", access_log=False)
+        return
     os.environ[_ENV] = json.dumps({"index_dir": index_dir, "max_topk": max_topk, "batching": batching})
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False)
