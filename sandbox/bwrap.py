@@ -137,23 +137,15 @@ class BwrapBackend(PooledBackend):
         read_end, write_end = os.pipe()
         os.write(write_end, self._seccomp)
         os.close(write_end)
-        bind_fds: list[int] = []
         try:
-            command = self.command(mode, memory_mb, seccomp_fd=read_end, bind_fds=bind_fds)
-            worker = Worker(command, self.uid(slot), self.max_processes, self.environment(),
-                            pass_fds=(read_end, *bind_fds))
+            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), self.uid(slot), self.max_processes,
+                            self.environment(), pass_fds=(read_end,))
         finally:
-            for fd in (read_end, *bind_fds):
-                os.close(fd)
+            os.close(read_end)
         worker.slot = slot
         return worker
 
-    def command(self, mode: str, memory_mb: int = 512, seccomp_fd: int | None = None,
-                bind_fds: list[int] | None = None) -> list[str]:
-        """The bwrap command line. With ``bind_fds`` the project's own paths (packages, the worker
-        script, a non-system interpreter) are opened here and bound by descriptor, the opened
-        descriptors appended to the list: bwrap runs as the worker's unprivileged uid, which may
-        not be able to reach a checkout under a private directory (``/root``, ``mktemp -d``)."""
+    def command(self, mode: str, memory_mb: int = 512, seccomp_fd: int | None = None) -> list[str]:
         interpreter_root = self.interpreter.parents[1]  # e.g. /usr for /usr/bin/python3.11
         command = [
             self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
@@ -167,20 +159,11 @@ class BwrapBackend(PooledBackend):
         for path in SYSTEM_BINDS:
             if os.path.exists(path):
                 command += ["--ro-bind", path, path]
-
-        def bind(host: Path, inside: str) -> None:
-            if bind_fds is None:
-                command.extend(["--ro-bind", str(host), inside])
-            else:
-                bind_fds.append(os.open(host, os.O_PATH | os.O_CLOEXEC))
-                command.extend(["--ro-bind-fd", str(bind_fds[-1]), inside])
-
         if not str(self.interpreter).startswith(("/usr/", "/bin/", "/lib")):
-            bind(interpreter_root, str(interpreter_root))
+            command += ["--ro-bind", str(interpreter_root), str(interpreter_root)]
         for host, inside in package_binds(self.packages):
-            bind(host, inside)
-        bind(WORKER, "/opt/agentrl/worker.py")
-        command += ["--remount-ro", "/"]
+            command += ["--ro-bind", str(host), inside]
+        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py", "--remount-ro", "/"]
         environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": SANDBOX_SITE,
                        "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "AGENTRL_SANDBOX_ROOT": "/tmp", "AGENTRL_OWN_NAMESPACES": "1"}
