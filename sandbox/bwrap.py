@@ -129,6 +129,12 @@ class BwrapBackend(PooledBackend):
         self._seccomp = seccomp_program()
         self.packages = tuple(packages)
         self.preload = tuple(p for p in preload if p in self.packages)
+        unreachable = [str(host) for host, _ in [*package_binds(self.packages), (WORKER, "")] if not _world_readable(host)]
+        if unreachable:  # bwrap runs as an unprivileged uid and would fail on each of these
+            raise SandboxUnavailable(
+                f"the sandbox's unprivileged uid cannot reach {', '.join(unreachable)}: every parent directory must be "
+                "searchable by others (chmod o+x), so keep the checkout and its virtual environment out of a private "
+                "directory such as /root or one made by mktemp -d")
         self._replenish()
 
     # -- command ---------------------------------------------------------------------------

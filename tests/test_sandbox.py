@@ -352,3 +352,14 @@ def test_a_locked_work_directory_is_still_wiped(sandbox, baseline):
         result = sandbox.run("import os\nopen('new', 'w').write('ok')\nprint(os.listdir('.'), os.listdir('/dev/shm'))")
         assert result.stdout == "['new'] []\n", result
     assert_healthy(sandbox, baseline)
+
+
+def test_an_install_the_sandbox_uid_cannot_reach_is_refused_with_the_reason(tmp_path, monkeypatch):
+    import agentrl.sandbox.bwrap as bwrap
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "worker.py").write_text(bwrap.WORKER.read_text())
+    monkeypatch.setattr(bwrap, "WORKER", private / "worker.py")
+    with pytest.raises(SandboxUnavailable, match="cannot reach .*private/worker.py.*chmod o\\+x"):
+        bwrap.BwrapBackend(pool_size=1)
