@@ -117,13 +117,32 @@ def test_turn_returns_are_discounted_sums_of_later_turn_rewards():
     close(discounted_turn_returns(turn_rewards, turn_mask, gamma=0.5), [[1.5, 2.0, 2.0], [1.0, 0.0, 0.0]])
 
 
-def test_turn_grpo_credits_each_turn_with_its_return_against_the_group_baseline():
-    returns = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.5]])
-    turn_mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
-    advantages = turn_grpo_advantages(returns, turn_mask, torch.tensor([0, 0, 1]))
-    # group 0 first-turn returns [1, 0]: mean 0.5, std sqrt(0.5); group 1 has one sample -> 0
+def test_turn_grpo_credits_each_turn_against_that_turns_group_baseline():
+    returns = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.5], [2.0, 1.0], [0.0, 3.0]])
+    turn_mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1], [1, 1]])
+    advantages = turn_grpo_advantages(returns, turn_mask, torch.tensor([0, 0, 1, 2, 2]))
+    # group 0, turn 0: [1, 0], mean 0.5, std sqrt(0.5); turn 1 has one member (row 1 ended) -> 0.
+    # group 1 has one sample -> 0. group 2, turn 0: [2, 0] -> +-1/sqrt(2); turn 1: [1, 3] -> -+1/sqrt(2)
     s = math.sqrt(0.5) + 1e-6
-    close(advantages, [[0.5 / s, 0.5 / s], [-0.5 / s, 0.0], [0.0, 0.0]])
+    t = 1 / (math.sqrt(2) + 1e-6)
+    close(advantages, [[0.5 / s, 0.0], [-0.5 / s, 0.0], [0.0, 0.0], [t, -t], [-t, t]])
+
+
+def test_turn_grpo_gives_a_uniformly_successful_group_zero_advantage():
+    # outcome-only reward on turn 2 with turn_gamma 0.9: G = [0.9, 1.0] for every sample. A baseline
+    # taken from G_0 alone gave the last turn (1.0 - 0.9) / 1e-6 = 1e5.
+    returns = discounted_turn_returns(torch.tensor([[0.0, 1.0]] * 4), torch.ones(4, 2), gamma=0.9)
+    close(returns, [[0.9, 1.0]] * 4)
+    close(turn_grpo_advantages(returns, torch.ones(4, 2), torch.zeros(4, dtype=torch.long)), [[0.0, 0.0]] * 4)
+
+
+def test_turn_grpo_with_env_turn_rewards_uses_per_turn_statistics():
+    # every sample answers correctly on turn 2; the first turns earned different env rewards
+    returns = discounted_turn_returns(torch.tensor([[0.1, 1.0], [0.2, 1.0], [0.1, 1.0]]), torch.ones(3, 2))
+    advantages = turn_grpo_advantages(returns, torch.ones(3, 2), torch.zeros(3, dtype=torch.long))
+    # turn 0: [1.1, 1.2, 1.1], mean 1.1333, std sqrt(1/300); turn 1 ties -> 0 (it was -2.31 before)
+    std = math.sqrt(1 / 300) + 1e-6
+    close(advantages, [[-0.1 / 3 / std, 0.0], [0.2 / 3 / std, 0.0], [-0.1 / 3 / std, 0.0]], tol=1e-4)
 
 
 def test_turn_grpo_with_only_an_outcome_reward_equals_grpo():
@@ -133,9 +152,10 @@ def test_turn_grpo_with_only_an_outcome_reward_equals_grpo():
     turn_mask = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 0]])
     returns = discounted_turn_returns(turn_rewards, turn_mask, gamma=1.0)
     advantages = turn_grpo_advantages(returns, turn_mask, groups)
-    expected = grpo_advantages(rewards, groups)
-    close(advantages[:, 0], expected.tolist())
-    close(advantages[:2, 1], expected[:2].tolist())
+    close(advantages[:, 0], grpo_advantages(rewards, groups).tolist())
+    # the second turn is compared only with the samples that reached it
+    close(advantages[:2, 1], grpo_advantages(rewards[:2], groups[:2]).tolist())
+    close(advantages[2:, 1], [0.0, 0.0])
 
 
 def test_spread_turn_values_gives_each_model_token_its_turn_value():

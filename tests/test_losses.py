@@ -204,3 +204,70 @@ def test_masked_positions_do_not_change_the_weight_gradient(tokenizer, tiny_mode
         return torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None])
 
     assert torch.equal(gradient(0.0), gradient(1e6))
+
+
+# -- numerical guards and estimator choices ------------------------------------------------------
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+@pytest.mark.parametrize("surrogate", ["ppo", "ppo_dual", "clip_cov", "kl_cov"])
+def test_an_overflowing_log_ratio_on_a_valid_token_gives_a_finite_gradient(surrogate, advantage):
+    logprobs = torch.tensor([[100.0, -1.0]], requires_grad=True)  # exp(100) overflows fp32
+    old = torch.tensor([[0.0, -1.0]])
+    advantages = torch.full((1, 2), advantage)
+    mask = torch.ones(1, 2)
+    if surrogate == "ppo":
+        loss, _ = ppo_clip_loss(logprobs, old, advantages, loss_mask=mask)
+    elif surrogate == "ppo_dual":
+        loss, _ = ppo_clip_loss(logprobs, old, advantages, dual_clip=3.0, loss_mask=mask)
+    elif surrogate == "clip_cov":
+        loss, _ = clip_cov_loss(logprobs, old, advantages, mask)
+    else:
+        loss, _ = kl_cov_loss(logprobs, old, advantages, mask)
+    aggregate_loss(loss, mask).backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logprobs.grad).all()
+
+
+def test_k2_is_half_the_squared_log_ratio_and_mse_is_its_name_in_verl():
+    logprobs, ref = torch.tensor([-1.0]), torch.tensor([-3.0])
+    assert kl_penalty(logprobs, ref, "k2").item() == pytest.approx(2.0)
+    assert kl_penalty(logprobs, ref, "mse").item() == pytest.approx(2.0)
+
+
+def test_k3_on_a_masked_position_cannot_poison_the_gradient():
+    logprobs = torch.tensor([[-1.0, -200.0]], requires_grad=True)  # exp(ref - logp) = exp(199) on the pad
+    ref = torch.tensor([[-1.5, -1.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    aggregate_loss(kl_penalty(logprobs, ref, "k3", loss_mask=mask), mask).backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0.0
+
+
+def _exact_reward_kl_gradient(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact expectation over a categorical policy of the score-function gradient of a per-token
+    KL reward ``E_a[k(a) grad log pi(a)]``, against the true ``grad KL(pi || ref)``."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(20, generator=generator, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(logits.detach() + 1.5 * torch.randn(20, generator=generator, dtype=torch.float64), 0)
+    logp = torch.log_softmax(logits, 0)
+    estimate = kl_penalty(logp.detach(), ref, kind)
+    (grad_estimate,) = torch.autograd.grad((logp.exp().detach() * estimate * logp).sum(), logits)
+    logp = torch.log_softmax(logits, 0)
+    (grad_true,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits)
+    return grad_estimate, grad_true
+
+
+def test_k1_in_the_reward_follows_the_kl_gradient_and_k3_does_not():
+    grad_k1, grad_true = _exact_reward_kl_gradient("k1")
+    assert torch.allclose(grad_k1, grad_true, atol=1e-10)
+    grad_k3, grad_true = _exact_reward_kl_gradient("k3")
+    cosine = float(torch.nn.functional.cosine_similarity(grad_k3, grad_true, dim=0))
+    assert cosine < 0.95
+
+
+def test_sequence_level_aggregations_do_not_count_emptied_rows():
+    loss = torch.tensor([[1.0, 1.0], [5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # the second row was overlong-filtered
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(1.0)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx(2.0)
+    assert aggregate_loss(loss, mask, "dr-grpo", max_response_tokens=2).item() == pytest.approx(1.0)
+    assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(1.0)

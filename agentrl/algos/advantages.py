@@ -187,24 +187,60 @@ def discounted_turn_returns(turn_rewards: Tensor, turn_mask: Tensor, gamma: floa
 
 
 def turn_grpo_advantages(
-    turn_returns: Tensor, turn_mask: Tensor, group_ids: Tensor, norm_std: bool = True, eps: float = 1e-6
+    turn_returns: Tensor, turn_mask: Tensor, group_ids: Tensor, norm_std: bool = True, eps: float = 1e-6,
+    tolerance: float = 1e-8,
 ) -> Tensor:
-    """Turn-level credit with a group baseline (in the spirit of Zeng et al. 2025, "Reinforcing
-    Multi-Turn Reasoning in LLM Agents via Turn-Level Credit Assignment")::
+    """Turn-level credit with a per-turn group baseline (MT-GRPO, Zeng et al. 2025, "Reinforcing
+    Multi-Turn Reasoning in LLM Agents via Turn-Level Credit Assignment", eq. 6)::
 
-        A_{i,k} = (G_{i,k} - mean_g(G_{.,0})) / (std_g(G_{.,0}) + eps)
+        A_{i,k} = (G_{i,k} - mean_{j in g: k < K_j} G_{j,k}) / (std_{j in g: k < K_j} G_{j,k} + eps)
 
-    The baseline is the group's statistics of the whole-trajectory return ``G_{.,0}``; each turn is
-    credited with the return from that turn on. With the reward only at the end and ``gamma = 1``
-    this is exactly GRPO. Returns ``(B, K)``.
+    Each turn's return-to-go is compared with the same turn's returns of the other group members
+    that reached it, which estimates ``E[G_k]``; a baseline from ``G_0`` would not, and divided by a
+    zero std it gave 1e5 advantages to uniformly successful groups. A turn column with fewer than
+    two members, or (``norm_std``) whose returns tie within ``tolerance``, gets 0. With the reward
+    only at the end and ``gamma = 1`` every column is GRPO on the outcome. Returns ``(B, K)``.
     """
-    first = turn_returns[:, 0]
-    mean, std, count = group_mean_std(first, group_ids)
-    advantages = turn_returns.double() - mean.unsqueeze(-1)
-    if norm_std:
-        advantages = advantages / (std + eps).unsqueeze(-1)
-    advantages = torch.where((count > 1).unsqueeze(-1), advantages, torch.zeros_like(advantages))
+    advantages = torch.zeros(turn_returns.shape, dtype=torch.float64)
+    for turn in range(turn_returns.shape[1]):
+        rows = (turn_mask[:, turn] > 0).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        values = turn_returns[rows, turn].double()
+        mean, std, count = group_mean_std(values, group_ids[rows])
+        centred = values - mean
+        if norm_std:
+            centred = torch.where(std > tolerance, centred / (std + eps), torch.zeros_like(centred))
+        advantages[rows, turn] = torch.where(count > 1, centred, torch.zeros_like(centred))
     return (advantages * turn_mask).to(turn_returns.dtype)
+
+
+def gigpo_advantages(
+    rewards: Tensor, group_ids: Tensor, turn_returns: Tensor, turn_mask: Tensor, anchor_keys: Tensor,
+    step_weight: float = 1.0, norm_std: bool = True, eps: float = 1e-6,
+) -> Tensor:
+    """GiGPO (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent Training", eqs.
+    4-8): an episode-level group advantage plus a step-level one within anchor-state groups::
+
+        A^E(tau_i)  = (R(tau_i) - mean_j R(tau_j)) / F_norm
+        G^S(s~)     = {(a_t^j, R_t^j) : s_t^j = s~, j in the group},  R_t^j = sum_k gamma^k r_{t+k}^j
+        A^S(a_t^i)  = (R_t^i - mean_{G^S(s~)} R) / F_norm
+        A(a_t^i)    = A^E(tau_i) + omega * A^S(a_t^i)
+
+    with ``F_norm`` the (unbiased) std of the group, or 1 with ``norm_std=False``. ``turn_returns``
+    ``(B, K)`` are the discounted returns ``R_t`` (see :func:`discounted_turn_returns`);
+    ``anchor_keys`` ``(B, K)`` identify each turn's state (a hash of the observation it answers),
+    so turns of one task group whose keys agree form a step group. A step group of one turn has no
+    baseline and adds 0. Returns ``(B, K)``.
+    """
+    episode = grpo_advantages(rewards.double(), group_ids, norm_std, eps)
+    rows, turns = (turn_mask > 0).nonzero(as_tuple=True)
+    step = torch.zeros(turn_returns.shape, dtype=torch.float64)
+    if rows.numel():
+        keys = torch.stack([group_ids[rows].long(), anchor_keys[rows, turns].long()], dim=-1)
+        _, step_groups = torch.unique(keys, dim=0, return_inverse=True)
+        step[rows, turns] = grpo_advantages(turn_returns[rows, turns].double(), step_groups, norm_std, eps)
+    return ((episode.unsqueeze(-1) + step_weight * step) * turn_mask).to(turn_returns.dtype)
 
 
 def spread_turn_values(turn_values: Tensor, token_turns: Tensor) -> Tensor:

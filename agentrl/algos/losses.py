@@ -14,7 +14,8 @@ import torch
 
 Tensor = torch.Tensor
 Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "dr-grpo"]
-KLKind = Literal["k1", "k3", "low_var_kl"]
+KLKind = Literal["k1", "k2", "mse", "k3", "low_var_kl"]
+LOG_RATIO_BOUND = 20.0  # as verl: exp(20) ~ 5e8 is finite in fp32, and no useful ratio is larger
 
 
 # -- aggregation ---------------------------------------------------------------------------------
@@ -37,13 +38,15 @@ def aggregate_loss(
     - ``dr-grpo`` (Liu et al. 2025): ``1/(G * L_max) sum_{i,t} l_{i,t}`` with the constant
       ``L_max = max_response_tokens``, so no length bias enters through the normaliser.
 
+    ``G`` counts the sequences with at least one model token: a row the overlong filter emptied is
+    not a sample of the batch and must not shrink the others' gradient (as current verl).
     ``batch_tokens`` / ``batch_sequences`` override this tensor's own counts (the minibatch's
-    counts when it is split into micro-batches).
+    counts when it is split into micro-batches; :func:`sequence_count` gives the latter).
     """
     mask = loss_mask.to(token_loss.dtype)
     # where, not a product: an overflowing ratio on a padded token (inf * 0 = nan) must not leak in
     masked = torch.where(loss_mask > 0, token_loss, torch.zeros_like(token_loss))
-    sequences = float(batch_sequences) if batch_sequences is not None else float(token_loss.shape[0])
+    sequences = float(batch_sequences) if batch_sequences is not None else sequence_count(loss_mask)
     if mode == "token-mean":
         tokens = batch_tokens if batch_tokens is not None else mask.sum()
         return masked.sum() / max(float(tokens), 1.0)
@@ -57,6 +60,11 @@ def aggregate_loss(
             raise ValueError("the dr-grpo aggregation needs max_response_tokens (rollout.max_response_tokens)")
         return masked.sum() / (max(sequences, 1.0) * max_response_tokens)
     raise ValueError(f"unknown loss aggregation {mode!r}; use token-mean, seq-mean-token-sum, seq-mean-token-mean or dr-grpo")
+
+
+def sequence_count(loss_mask: Tensor) -> float:
+    """The number of rows with at least one model token (the ``G`` of the sequence-level modes)."""
+    return float((loss_mask.sum(-1) > 0).sum())
 
 
 # -- the clipped surrogate -----------------------------------------------------------------------
@@ -166,7 +174,9 @@ def kl_cov_loss(
 
 
 def _masked_log_ratio(logprobs: Tensor, old_logprobs: Tensor, loss_mask: Tensor | None) -> Tensor:
-    log_ratio = logprobs - old_logprobs
+    """``log pi - log pi_old``, clamped to +-20 before any ``exp`` (an overflowing ratio on a valid
+    token would give ``0 * inf = nan`` in backward) and pinned to 0 on masked tokens."""
+    log_ratio = torch.clamp(logprobs - old_logprobs, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     if loss_mask is None:
         return log_ratio
     return torch.where(loss_mask > 0, log_ratio, torch.zeros_like(log_ratio))
@@ -180,23 +190,36 @@ def masked_mean_scalar(values: Tensor, mask: Tensor) -> Tensor:
 # -- regularisers --------------------------------------------------------------------------------
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLKind = "low_var_kl") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLKind = "low_var_kl",
+               loss_mask: Tensor | None = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating KL
     divergence"), with ``x = log pi_ref - log pi``::
 
         k1 = -x                       unbiased, high variance, can be negative
-        k3 = exp(x) - x - 1           unbiased, non-negative, low variance
+        k2 = mse = x^2 / 2            biased, low variance
+        k3 = exp(x) - x - 1           unbiased, non-negative, low variance (x clamped to [-20, 20])
         low_var_kl = clamp(k3, -10, 10) with x clamped to [-20, 20] (as verl), robust to outliers
+
+    Which one suits depends on where it goes. As a token *reward* (REINFORCE++, GAE) the score
+    function term is ``E[k grad log pi]``, which is ``grad KL(pi || ref)`` exactly for k1 only. As a
+    *loss*, k1's on-policy gradient is ``E[grad log pi] = 0`` (inert); k2's is ``grad KL(pi || ref)``
+    and k3's is ``grad KL(ref || pi)`` (GRPO). With ``loss_mask``, ``x`` is pinned to 0 on masked
+    tokens before the ``exp``, so whatever sits there cannot give ``0 * inf`` in backward.
     """
     log_ratio = ref_logprobs - logprobs
+    if loss_mask is not None:
+        log_ratio = torch.where(loss_mask > 0, log_ratio, torch.zeros_like(log_ratio))
     if kind == "k1":
         return -log_ratio
+    if kind in ("k2", "mse"):
+        return 0.5 * log_ratio**2
     if kind == "k3":
+        log_ratio = torch.clamp(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         return torch.exp(log_ratio) - log_ratio - 1.0
     if kind == "low_var_kl":
-        log_ratio = torch.clamp(log_ratio, -20.0, 20.0)
+        log_ratio = torch.clamp(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         return torch.clamp(torch.exp(log_ratio) - log_ratio - 1.0, -10.0, 10.0)
-    raise ValueError(f"unknown KL estimator {kind!r}; use k1, k3 or low_var_kl")
+    raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 (mse), k3 or low_var_kl")
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -216,7 +239,8 @@ def stale_importance_weights(
     the engine); ``pi_old`` is the current policy before the update, the PPO anchor. Truncation
     (Espeholt et al. 2018, IMPALA, eq. 1's rho-bar) bounds the variance. No gradient flows through.
     """
-    weights = torch.exp(old_logprobs.detach() - sampling_logprobs.detach()).clamp(max=cap)
+    log_ratio = torch.clamp(old_logprobs.detach() - sampling_logprobs.detach(), max=LOG_RATIO_BOUND)
+    weights = torch.exp(log_ratio).clamp(max=cap)
     return torch.where(stale_mask > 0, weights, torch.ones_like(weights))
 
 
