@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
 from agentrl import __version__
@@ -47,17 +48,34 @@ def main(
     """Reinforcement learning for multi-turn, tool-using LLM agents."""
 
 
-def resolve_config(config: str | None, overrides: list[str] | None):
-    """Load a config for a command, turning a ConfigError into a clear message and exit code 2."""
+def resolve_config(config: str | None, overrides: list[str] | None, preflight: bool = False):
+    """Load a config for a command, turning a ConfigError into a clear message and exit code 2.
+
+    With ``preflight`` the run's names (env, tools, options, model) and servers are checked too,
+    before anything loads (agentrl.preflight)."""
     # Allow `agentrl cmd key=value` without a config file.
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         overrides = [config, *(overrides or [])]
         config = None
     try:
-        return load_config(config, overrides or [])
+        resolved = load_config(config, overrides or [])
+        if preflight:
+            from agentrl.preflight import check_run
+
+            check_run(resolved)
+        return resolved
     except ConfigError as error:
-        error_console.print(f"[bold red]config error:[/] {error}")
-        raise typer.Exit(2) from None
+        fail("config error", error)
+
+
+def fail(label: str, error: BaseException | str, code: int = 2):
+    """Print ``label: message`` on stderr as one plain line (the message is never read as markup) and exit."""
+    error_console.print(f"[bold red]{label}:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+# Errors a run reports as one line (they say what to change); anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileExistsError, FileNotFoundError, LookupError, ValueError)
 
 
 @app.command("config")
@@ -70,28 +88,26 @@ def config_command(config: ConfigArg = None, overrides: OverridesArg = None) -> 
 @app.command("train")
 def train_command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
     """Train a policy with RL (and an optional SFT warm start); resume with resume=true."""
-    resolved = resolve_config(config, overrides)
+    resolved = resolve_config(config, overrides, preflight=True)
     from agentrl.trainer.local import train
 
     try:
         state = train(resolved, console=error_console)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        error_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
+    except USER_ERRORS as error:
+        fail("error", error)
     console.print(f"trained {state.step} steps; metrics, samples, plot and checkpoints in {resolved.output_dir}")
 
 
 @app.command("sft")
 def sft_command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
     """Supervised fine-tuning on demonstration chats (sft.data, or generated for the demo envs)."""
-    resolved = resolve_config(config, overrides)
+    resolved = resolve_config(config, overrides, preflight=True)
     from agentrl.trainer.sft import run_sft
 
     try:
         metrics = run_sft(resolved, console=error_console)
-    except (FileNotFoundError, ValueError) as error:
-        error_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
+    except USER_ERRORS as error:
+        fail("error", error)
     shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if "success" in k or "loss" in k)
     console.print(f"fine-tuned model in {resolved.output_dir}/model; {shown}")
 
@@ -106,14 +122,13 @@ def eval_command(
     trainer.eval_temperature; print success, tool use and stop reasons; write trajectories JSONL."""
     import asyncio
 
-    resolved = resolve_config(config, overrides)
+    resolved = resolve_config(config, overrides, preflight=True)
     from agentrl.evaluate import metrics_table, run_eval
 
     try:
         result = asyncio.run(run_eval(resolved, samples=samples))
-    except (FileNotFoundError, LookupError, ValueError) as error:
-        error_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
+    except USER_ERRORS as error:
+        fail("error", error)
     console.print(metrics_table(result.metrics, f"{resolved.env.name}: {len(result.trajectories)} trajectories"))
     console.print(f"trajectories in {resolved.output_dir}/eval/trajectories.jsonl; see them with "
                   f"`agentrl view {resolved.output_dir}`")
@@ -137,8 +152,7 @@ def view_command(
     try:
         path, count = write_viewer(run_dir, out, loaded, limit)
     except FileNotFoundError as error:
-        error_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
+        fail("error", error)
     console.print(f"{count} trajectories in {path}")
 
 
@@ -212,8 +226,7 @@ def tools_call(
         tool_name = get_tool_class(name).name if ":" in name else name
         executor = ToolExecutor([classes.get(tool_name, name)], {tool_name: _parse_options(option)})
     except UnknownToolError as error:
-        error_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
+        fail("error", error)
 
     async def run():
         async with executor.session("cli", ToolContext("cli", context_metadata)) as session:
@@ -262,8 +275,7 @@ def index_build(
     try:
         path = Index.build(corpus, out, method, embedder, dense_kind)
     except (OSError, ValueError) as error:
-        error_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
+        fail("error", error)
     console.print(f"indexed {Index.load(path).meta['size']} passages ({method}) into {path} in {time.perf_counter() - started:.1f} s")
 
 

@@ -69,7 +69,9 @@ class Tool:
 
     Class attributes: ``name`` (default: the class name in snake_case), ``description`` (default:
     the docstring), ``timeout`` in seconds, ``max_concurrency`` (calls of this tool running at once
-    across all trajectories; ``None`` for no limit) and ``max_output_chars``.
+    across all trajectories; ``None`` for no limit), ``max_output_chars``, and ``option_names``: the
+    options (``tools.options.<name>``) the tool reads, so that a misspelt option is refused before a
+    run starts (``None``: the tool does not declare them and any option is passed through).
     """
 
     name: ClassVar[str] = ""
@@ -77,6 +79,7 @@ class Tool:
     timeout: ClassVar[float] = 30.0
     max_concurrency: ClassVar[int | None] = None
     max_output_chars: ClassVar[int] = 16_000
+    option_names: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -52,7 +52,8 @@ class Tracker:
         self._first_step = self.history[-1]["step"] if self.history else 0
         self._progress = None
         self._task = None
-        if config.progress:
+        # A live display only on a terminal; elsewhere (CI, nohup, a cluster job's log) one plain line per step.
+        if config.progress and self.console.is_terminal:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -126,8 +127,9 @@ class Tracker:
         summary = "  ".join(parts)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, summary=summary)
-        elif summary:
-            self.console.print(f"step {step}/{self.total_steps}  {summary}")
+        else:
+            self.console.print(f"step {step}/{self.total_steps}  {summary}".rstrip(), markup=False, highlight=False,
+                               soft_wrap=True)
 
     def log_samples(self, step: int, trajectories: list[Trajectory], tokenizer, count: int | None = None) -> Path | None:
         """Write the first ``count`` trajectories of the step with their text, span by span."""

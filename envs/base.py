@@ -53,6 +53,9 @@ class Env(ABC):
     answer_tag: ClassVar[str] = "answer"
     observation_template: ClassVar[str] = "\n<output>\n{observation}\n</output>\n"
     final_turn_message: ClassVar[str] = "You have no tool calls left. Give your final answer now."
+    # The keys of ``env.options`` the env reads; a misspelt one is refused before a run starts.
+    # ``None``: not declared, every option is passed through.
+    option_names: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options

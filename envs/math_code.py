@@ -57,6 +57,7 @@ class MathCodeEnv(Env):
     """Options: ``train_size`` and ``eval_size`` of the generated data; ``tolerance`` (relative)."""
 
     name = "math_code"
+    option_names = ("train_size", "eval_size", "tolerance")
     tools = ("python",)
     action_format = "xml"
     tags = {"python": "python"}

@@ -88,6 +88,7 @@ class SearchQAEnv(Env):
     (``search_r1`` or ``short``), ``hops`` (keep only questions with this many hops, demo data)."""
 
     name = "search_qa"
+    option_names = ("dataset", "hops", "prompt")
     tools = ("search",)
     action_format = "xml"
     tags = {"search": "search"}

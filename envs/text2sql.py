@@ -106,6 +106,7 @@ class Text2SQLEnv(Env):
     """Options: ``database_dir`` (Spider's ``database`` directory) for local data."""
 
     name = "text2sql"
+    option_names = ("database_dir",)
     tools = ("sql",)
     action_format = "xml"
     tags = {"sql": "sql"}

@@ -88,6 +88,7 @@ class VisualEnv(Env):
     relative ``image`` paths of local data."""
 
     name = "visual"
+    option_names = ("train_size", "eval_size", "image_dir")
     tools = ("image",)
     action_format = "json"
     answer_tag = "answer"

@@ -1,7 +1,11 @@
 """Tracking: metrics JSONL rewritten from the checkpoint on resume, samples for the viewer, the
-plot, and a clear message when a configured backend is not installed."""
+plot, a clear message when a configured backend is not installed, and plain log lines off a terminal."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -67,3 +71,39 @@ def test_a_missing_backend_is_reported_and_jsonl_still_written(tmp_path, monkeyp
         tracker.finish()
     assert "pip install 'agentrl[track]'" in log.read_text()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward_mean": 1.0}]
+
+
+def test_off_a_terminal_each_step_is_one_plain_line(tmp_path):
+    log = tmp_path / "log"
+    with log.open("w") as handle:
+        # progress=True asks for the live display; a file is not a terminal, so plain lines are printed instead
+        tracker = Tracker(TrackingConfig(progress=True, plot=False), tmp_path, 3, console=Console(file=handle))
+        tracker.log(1, {"reward_mean": 0.25, "success_rate": 0.5, "tool_calls_per_trajectory": 1.5,
+                        "loss/policy": 0.01, "time/step_s": 12.5})
+        tracker.log(2, {"reward_mean": 0.5, "success_rate": 0.75, "eval/success_rate": 0.6, "time/step_s": 11.0})
+        tracker.log(3, {})
+        tracker.finish()
+    assert log.read_text().splitlines() == [
+        "step 1/3  reward 0.25  success 0.5  tools/traj 1.5  loss 0.01  s/step 12.5",
+        "step 2/3  reward 0.5  success 0.75  eval 0.6  s/step 11",
+        "step 3/3",
+    ]
+    assert "\x1b" not in log.read_text()  # no escape codes in a log file
+
+
+def test_agentrl_train_logs_plain_lines_when_stderr_is_a_file(tmp_path, tiny_model_dir):
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "agentrl.cli", "train", f"model.name={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+            "env.name=tests.helpers.ping_env:PingEnv", "env.eval_size=4", "rollout.group_size=2", "rollout.max_turns=1",
+            "rollout.max_new_tokens=6", "rollout.max_response_tokens=12", "trainer.steps=2", "trainer.prompts_per_step=2",
+            "trainer.minibatch_size=4", "trainer.eval_before=false", "trainer.torch_threads=1", "sft.enabled=false",
+            "tracking.plot=false"]
+    with (tmp_path / "stderr").open("w") as stderr:
+        completed = subprocess.run(args, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300,
+                                   env={**os.environ, "PYTHONPATH": str(root)})
+    log = (tmp_path / "stderr").read_text()
+    assert completed.returncode == 0, log[-3000:]
+    steps = [line for line in log.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/2", "2/2"], log
+    assert all(" reward " in line and " s/step " in line for line in steps)
+    assert "\x1b" not in log and "\r" not in log

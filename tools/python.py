@@ -33,6 +33,8 @@ def shared_backend(name: str, **options: Any) -> Backend:
 class PythonTool(Tool):
     """Run Python code and see what it prints (stdout) and, if it fails, the error."""
 
+    option_names = ("server_url", "backend", "backend_options", "timeout_s", "memory_mb", "session", "token")
+
     name = "python"
     timeout = 60.0
 

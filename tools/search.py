@@ -87,6 +87,8 @@ def _http_client():
 class SearchTool(Tool):
     """Search the knowledge corpus and read the most relevant passages."""
 
+    option_names = ("topk", "max_doc_chars", "server_url", "index", "cache_size", "attempts")
+
     name = "search"
     timeout = 30.0
 
