@@ -85,8 +85,9 @@ def test_database_is_opened_read_only_even_past_the_parser(db_path):
     from agentrl.tools.sql import open_read_only
 
     connection = open_read_only(db_path)
-    with pytest.raises(sqlite3.OperationalError):
-        connection.execute("DELETE FROM customer")
+    for statement in ("DELETE FROM customer", "PRAGMA query_only = OFF", "ATTACH ':memory:' AS m"):
+        with pytest.raises(sqlite3.DatabaseError):
+            connection.execute(statement)
     connection.close()
 
 
