@@ -248,3 +248,85 @@ def test_sampling_follows_the_temperature_and_top_p_distribution():
     sharp = frequencies(temperature=0.5)
     expected = torch.tensor([0.01, 0.04, 0.09, 0.16]) / 0.30
     assert torch.allclose(sharp[[3, 500, 998, 999]], expected, atol=0.02)
+
+
+def test_decoding_runs_on_its_own_thread_when_the_default_pool_is_exhausted(tiny_model, tokenizer):
+    """Sync tools run on the default executor; a stuck one must never hold up generation."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = HFEngine(tiny_model, tokenizer)
+    prompt = chat_ids(tokenizer, PROMPTS[1])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        release = threading.Event()
+        stuck = loop.run_in_executor(None, release.wait, 60)  # the only default thread, held
+        try:
+            return await asyncio.wait_for(engine.generate(prompt, SamplingParams(max_new_tokens=4)), 20)
+        finally:
+            release.set()
+            await stuck
+
+    assert len(run(main()).token_ids) >= 1
+
+
+def test_a_cancelled_request_stops_decoding_and_leaves_the_batch(tiny_model, tokenizer):
+    prompts = chat_ids(tokenizer, PROMPTS[0]), chat_ids(tokenizer, PROMPTS[1])
+    kept = SamplingParams(max_new_tokens=30, temperature=0)
+
+    async def alone():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        return (await engine.generate(prompts[1], kept)).token_ids
+
+    async def with_a_cancelled_neighbour():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        cancelled = asyncio.ensure_future(engine.generate(prompts[0], SamplingParams(max_new_tokens=400)))
+        other = asyncio.ensure_future(engine.generate(prompts[1], kept))
+        while engine.forward_calls < 3:
+            await asyncio.sleep(0.001)
+        cancelled.cancel()
+        result = await other
+        # update_weights waits for the running batch: it returns once no row is left decoding
+        await asyncio.wait_for(asyncio.to_thread(engine.update_weights), 120)
+        assert engine.batch_sizes == {2: 1}
+        # one prefill plus the kept row's 29 decode steps, not the cancelled row's 400
+        assert engine.forward_calls <= 1 + 29, engine.forward_calls
+        assert engine.rows_cancelled == 1
+        return result.token_ids
+
+    assert run(alone()) == run(with_a_cancelled_neighbour())
+
+
+def test_the_cache_narrows_to_the_live_rows_when_long_rows_finish(tiny_model, tokenizer):
+    long_prompt = chat_ids(tokenizer, " ".join(["The dragon flew over the mountains."] * 40))
+    short_prompt = chat_ids(tokenizer, PROMPTS[3])
+    long_params, short_params = SamplingParams(max_new_tokens=3, temperature=0), SamplingParams(max_new_tokens=80, temperature=0)
+    assert len(long_prompt) > len(short_prompt) + 200
+
+    async def alone():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        return (await engine.generate(long_prompt, long_params)).token_ids, (await engine.generate(short_prompt, short_params)).token_ids
+
+    async def together():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        long = asyncio.ensure_future(engine.generate(long_prompt, long_params))
+        short = asyncio.ensure_future(engine.generate(short_prompt, short_params))
+        long_result = await long
+        widths = []
+        while not short.done():
+            widths.append(engine.cache_width)
+            await asyncio.sleep(0.001)
+        assert engine.batch_sizes == {2: 1}  # both rows decoded in one batch
+        live = [w for w in widths if w]
+        # the long row's prompt no longer pads the short row's cache
+        assert live and min(live) <= len(short_prompt) + short_params.max_new_tokens, (len(long_prompt), live[:5])
+        assert engine.cache_width == 0  # nothing held once the batch is gone
+        return long_result.token_ids, (await short).token_ids
+
+    assert run(alone()) == run(together())

@@ -1,15 +1,20 @@
 """The transformers engine: batched sampling on the CPU (or one GPU) behind an async interface.
 
 Each ``generate`` call enqueues a request and awaits its result. A background task gathers whatever
-requests are waiting (up to ``max_batch_size``), and one worker thread runs them as a single
-left-padded batch with a KV cache, one forward pass per token for the whole batch. Rows that finish
-leave the batch (their cache rows are dropped), so short answers do not pay for long ones, and the
-event loop stays free for tool calls while the batch decodes. Requests that arrive while a batch
-decodes join it at the next step (continuous batching): they are prefilled on their own and their
-KV cache is stacked onto the running one.
+requests are waiting (up to ``max_batch_size``), and the engine's own decode thread runs them as a
+single left-padded batch with a KV cache, one forward pass per token for the whole batch. The thread
+is the engine's alone, not one of the event loop's default pool, where synchronous tools run: a tool
+stuck in a thread can never hold up generation. Rows that finish, and rows whose request was
+cancelled, leave the batch at the next step (their cache rows are dropped), so short answers do not
+pay for long ones and an abandoned request stops costing compute; the cache then narrows to the
+longest live row, so a batch that lives long under steady traffic does not keep the width of rows
+long gone. The event loop stays free for tool calls while the batch decodes. Requests that arrive
+while a batch decodes join it at the next step (continuous batching): they are prefilled on their
+own and their KV cache is stacked onto the running one.
 
-Logprobs are ``log_softmax`` of the raw logits (temperature 1, no top-p) at the sampled token: the
-same quantity a separate forward pass of the trainer computes, so importance ratios start at 1.
+Logprobs are those of the distribution each token was drawn from (the request's temperature and
+top-p, :func:`agentrl.algos.sampling.sampling_logprobs`; greedy requests score at temperature 1): the
+same quantity the trainer's forward pass computes, so importance ratios start at 1.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import inspect
 import queue
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from agentrl.algos.sampling import sampling_logprobs
 from agentrl.engines.base import GenerationResult, SamplingParams
 
 
@@ -48,6 +55,9 @@ class HFEngine:
         self.batch_sizes: Counter[int] = Counter()  # requests each batch started with
         self.forward_calls = 0
         self.joined = 0  # requests that joined a batch already decoding
+        self.rows_cancelled = 0  # rows dropped mid-decode because their request was cancelled
+        self.cache_width = 0  # columns of the running batch's KV cache (0 between batches)
+        self._decode_thread: ThreadPoolExecutor | None = None
         self._joining: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._update_pending = threading.Event()  # stop admitting joiners so the batch drains
         eos = model.generation_config.eos_token_id
@@ -104,6 +114,9 @@ class HFEngine:
                 pass
             self._worker = None
             self._queue = None
+        if self._decode_thread is not None:
+            self._decode_thread.shutdown(wait=False)  # a batch still running finishes on its own
+            self._decode_thread = None
 
     # -- batching --------------------------------------------------------------------------
 
@@ -136,7 +149,9 @@ class HFEngine:
                 batch = [r for r in batch if not r.future.cancelled()]
                 if not batch:
                     continue
-                running = asyncio.ensure_future(asyncio.to_thread(self._run_batch, batch))
+                if self._decode_thread is None:
+                    self._decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrl-hf-decode")
+                running = asyncio.get_running_loop().run_in_executor(self._decode_thread, self._run_batch, batch)
                 # While the batch decodes, requests that arrive join it at the next step.
                 while not running.done():
                     if pending is None:
@@ -161,12 +176,15 @@ class HFEngine:
         except Exception as error:  # a failed batch fails its requests, not the engine
             for request in admitted + batch:
                 loop.call_soon_threadsafe(_fail, request.future, error)
+        finally:
+            self.cache_width = 0
 
     def _admit(
         self, waiting: list[_Request], room: int, admitted: list[_Request]
     ) -> list[_Request]:
         """Requests to add to the running batch now: the initial ones, then any that arrived."""
         newcomers, waiting[:] = waiting[:room], waiting[room:]
+        newcomers = [r for r in newcomers if not r.future.cancelled()]
         while (
             len(newcomers) < room
             and not self._update_pending.is_set()
@@ -197,6 +215,7 @@ class HFEngine:
             if newcomers:
                 new_past, new_mask, logits = self._prefill(newcomers, device)
                 new_tokens, keep, finished = self._step(newcomers, logits, version)
+                keep = self._live(newcomers, keep)
                 yield from finished
                 if keep:
                     index = torch.tensor(keep, device=device)
@@ -229,17 +248,27 @@ class HFEngine:
             self.forward_calls += 1
             past = getattr(output, self._cache_arg)
             next_tokens, keep, finished = self._step(active, output.logits[:, -1, :], version)
+            keep = self._live(active, keep)
             yield from finished
             if len(keep) < len(active):
                 if not keep:
                     active, past, attention_mask, tokens = [], None, None, None
+                    self.cache_width = 0
                     continue
                 index = torch.tensor(keep, device=device)
                 past.batch_select_indices(index)
-                attention_mask = attention_mask.index_select(0, index)
+                attention_mask = _trim_left(past, attention_mask.index_select(0, index))
                 next_tokens = next_tokens.index_select(0, index)
                 active = [active[i] for i in keep]
             tokens = next_tokens
+            self.cache_width = attention_mask.shape[1]
+
+    def _live(self, requests: list[_Request], keep: list[int]) -> list[int]:
+        """The rows of ``keep`` whose request is still awaited: a cancelled request's row leaves
+        the batch now instead of decoding to its budget for nobody."""
+        live = [row for row in keep if not requests[row].future.cancelled()]
+        self.rows_cancelled += len(keep) - len(live)
+        return live
 
     def _prefill(self, requests: list[_Request], device):
         width = max(len(r.prompt_ids) for r in requests)
@@ -264,12 +293,12 @@ class HFEngine:
     def _step(self, requests: list[_Request], logits: torch.Tensor, version: int):
         """Sample one token per row; return (tokens, rows still running, finished results)."""
         logits = logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
         sampled = [self._sample(logits[row], request) for row, request in enumerate(requests)]
         keep, finished = [], []
         for row, (request, token) in enumerate(zip(requests, sampled)):
             request.token_ids.append(token)
-            request.logprobs.append(float(log_probs[row, token]))
+            params = request.params  # the logprob of the distribution the token was drawn from
+            request.logprobs.append(float(sampling_logprobs(logits[row], torch.tensor(token), params.temperature, params.top_p)))
             reason, stop_text = self._finished(request, token)
             if reason is None:
                 keep.append(row)
@@ -327,6 +356,19 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _trim_left(past, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading cache columns that no remaining row attends to (left padding up to the
+    length of rows that have left): masked columns add nothing to attention and position ids come
+    from the mask, so outputs are unchanged while every later step attends over fewer columns."""
+    first = int(mask.any(dim=0).int().argmax())
+    if first == 0:
+        return mask
+    for layer in past.layers:
+        layer.keys = layer.keys[:, :, first:]
+        layer.values = layer.values[:, :, first:]
+    return mask[:, first:]
 
 
 def _merge(past, mask, new_past, new_mask):
