@@ -9,6 +9,7 @@ logits, not the weights, dominate memory.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -16,6 +17,36 @@ import torch
 from agentrl.trajectory import Trajectory
 
 Tensor = torch.Tensor
+
+
+PER_TURN_FIELDS = ("turn_rewards", "turn_mask", "anchor_keys")
+
+
+def anchor_key(token_ids: list[int]) -> int:
+    """A stable 64-bit hash of a token sequence (the same ids give the same key in every process)."""
+    digest = hashlib.blake2b(torch.tensor(token_ids, dtype=torch.int64).numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def turn_anchor_keys(trajectory: Trajectory) -> list[int]:
+    """One key per assistant turn: the hash of the observation the turn answers, i.e. the tokens
+    between the previous assistant turn and this one (the prompt for the first turn). Turns of
+    different trajectories that answer identical observations share a key."""
+    starts: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    for span in trajectory.turns:
+        if span.role == "assistant":
+            starts.setdefault(span.turn, span.start)
+            ends[span.turn] = span.end
+    keys, previous_end = [], None
+    for turn in sorted(starts):
+        if previous_end is None:
+            observed = list(trajectory.prompt_ids) + list(trajectory.response_ids[: starts[turn]])
+        else:
+            observed = list(trajectory.response_ids[previous_end : starts[turn]])
+        keys.append(anchor_key(observed))
+        previous_end = ends[turn]
+    return keys
 
 
 @dataclass
@@ -35,6 +66,7 @@ class TrainBatch:
     truncated: Tensor  # (B,) bool: stopped by a token budget
     turn_rewards: Tensor  # (B, K) per-turn rewards, the outcome reward added to the last turn
     turn_mask: Tensor  # (B, K)
+    anchor_keys: Tensor  # (B, K) int64 hash of the tokens each turn answers (GiGPO's anchor state)
     prompt_lengths: Tensor  # (B,)
     response_lengths: Tensor  # (B,)
 
@@ -59,7 +91,7 @@ class TrainBatch:
                 values[item.name] = prompt_width
             elif item.name in ("input_ids", "attention_mask"):
                 values[item.name] = value[rows][:, drop : drop + prompt_width + response_width]
-            elif isinstance(value, Tensor) and value.dim() == 2 and item.name not in ("turn_rewards", "turn_mask"):
+            elif isinstance(value, Tensor) and value.dim() == 2 and item.name not in PER_TURN_FIELDS:
                 values[item.name] = value[rows][:, :response_width]
             else:
                 values[item.name] = value[rows]
@@ -84,6 +116,7 @@ def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: i
     token_turns = torch.full((size, response_width), -1, dtype=torch.long)
     turn_rewards = torch.zeros((size, turns))
     turn_mask = torch.zeros((size, turns))
+    anchor_keys = torch.zeros((size, turns), dtype=torch.long)
     group_names: dict[str, int] = {}
     for row, trajectory in enumerate(trajectories):
         prompt, response = trajectory.prompt_ids, trajectory.response_ids
@@ -106,6 +139,7 @@ def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: i
                 stale[row, span.start : span.end] = 1.0
         if assistant_turns:
             turn_mask[row, : len(assistant_turns)] = 1.0
+            anchor_keys[row, : len(assistant_turns)] = torch.tensor(turn_anchor_keys(trajectory), dtype=torch.long)
             for index, value in enumerate((trajectory.turn_rewards or [])[: len(assistant_turns)]):
                 turn_rewards[row, index] = float(value)
             turn_rewards[row, len(assistant_turns) - 1] += float(trajectory.reward or 0.0)
@@ -124,6 +158,7 @@ def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: i
         truncated=torch.tensor([t.status == "truncated" for t in trajectories]),
         turn_rewards=turn_rewards,
         turn_mask=turn_mask,
+        anchor_keys=anchor_keys,
         prompt_lengths=torch.tensor([len(t.prompt_ids) for t in trajectories]),
         response_lengths=torch.tensor([max(1, len(t.response_ids)) for t in trajectories]),
     )
@@ -131,18 +166,23 @@ def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: i
 
 @dataclass
 class ResponseOutputs:
-    logprobs: Tensor  # (B, T) log pi(response token)
+    logprobs: Tensor  # (B, T) log mu(response token) at the sampling temperature and top-p
     entropy: Tensor | None = None  # (B, T)
     values: Tensor | None = None  # (B, T) value head on the state before each token
+    hidden: Tensor | None = None  # (B, T + 1, H) last-layer state before each token and after the last
 
 
 def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | None = None,
-                     with_entropy: bool = False) -> ResponseOutputs:
-    """Log-probabilities (and optionally entropy and values) of the response tokens under ``model``.
+                     with_entropy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     with_hidden: bool = False) -> ResponseOutputs:
+    """Log-probabilities (and optionally entropy, values and hidden states) of the response tokens
+    under ``model``, scored at the sampling ``temperature`` and ``top_p`` (see
+    :func:`agentrl.algos.sampling.sampling_logprobs`): the distribution the engine sampled from.
 
     Only the ``T + 1`` last columns get logits; the last one (after the final token) is dropped.
     """
     from agentrl.algos.losses import entropy_from_logits
+    from agentrl.algos.sampling import sampling_logprobs, tempered_logits
 
     response_width = batch.response_ids.shape[1]
     output = model(
@@ -151,14 +191,15 @@ def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | Non
         position_ids=batch.position_ids,
         use_cache=False,
         logits_to_keep=response_width + 1,
-        output_hidden_states=value_head is not None,
+        output_hidden_states=value_head is not None or with_hidden,
     )
-    logits = output.logits[:, :-1, :].float()
-    targets = batch.response_ids.unsqueeze(-1)
-    logprobs = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    values = None
+    logits = output.logits[:, :-1, :]
+    logprobs = sampling_logprobs(logits, batch.response_ids, temperature, top_p)
+    entropy = entropy_from_logits(tempered_logits(logits, temperature)) if with_entropy else None
+    values = hidden = None
+    if value_head is not None or with_hidden:
+        states = output.hidden_states[-1][:, batch.prompt_width - 1 : batch.prompt_width + response_width]
+        hidden = states if with_hidden else None
     if value_head is not None:
-        hidden = output.hidden_states[-1][:, batch.prompt_width - 1 : batch.prompt_width - 1 + response_width]
-        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-    return ResponseOutputs(logprobs, entropy, values)
+        values = value_head(states[:, :response_width].to(value_head.weight.dtype)).squeeze(-1).float()
+    return ResponseOutputs(logprobs, entropy, values, hidden)

@@ -1,0 +1,60 @@
+"""Behaviour logprobs are those of the distribution the engine sampled from (temperature, top-p),
+and the trainer's forward pass scores the same distribution."""
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from agentrl.algos.sampling import sampling_logprobs
+from agentrl.engines.base import SamplingParams
+from agentrl.engines.hf import HFEngine
+from agentrl.models import tiny_model as make_tiny_model
+from agentrl.trainer.batching import collate, forward_response
+from agentrl.trajectory import Trajectory
+
+LOGITS = torch.tensor([2.0, 1.0, 0.0, -1.0])
+
+
+def test_temperature_divides_the_logits_before_the_softmax():
+    q = torch.softmax(LOGITS / 0.5, 0)
+    assert sampling_logprobs(LOGITS, torch.tensor(1), temperature=0.5).item() == pytest.approx(math.log(q[1]))
+    # greedy requests are scored at temperature 1
+    assert sampling_logprobs(LOGITS, torch.tensor(1), temperature=0.0).item() == pytest.approx(
+        float(torch.log_softmax(LOGITS, 0)[1]))
+
+
+def test_top_p_renormalises_over_the_nucleus():
+    q = torch.softmax(LOGITS, 0)  # [0.644, 0.237, 0.087, 0.032]: top_p 0.8 keeps the first two
+    nucleus = float(q[0] + q[1])
+    assert sampling_logprobs(LOGITS, torch.tensor(1), top_p=0.8).item() == pytest.approx(math.log(q[1] / nucleus))
+    # a token outside the nucleus (a later policy's view of an earlier sample) stays finite
+    assert sampling_logprobs(LOGITS, torch.tensor(3), top_p=0.8).item() == pytest.approx(
+        math.log(q[3] / (nucleus + q[3])))
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.7, 1.0), (1.3, 0.9)])
+def test_engine_logprobs_equal_the_trainers_at_the_sampling_temperature_and_top_p(tokenizer, temperature, top_p):
+    model = make_tiny_model(tokenizer, tie_word_embeddings=False).eval()
+    engine = HFEngine(model, tokenizer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_p=top_p, seed=5)
+
+    async def generate():
+        try:
+            return await engine.generate(prompt, params)
+        finally:
+            await engine.close()
+
+    result = asyncio.run(generate())
+    trajectory = Trajectory(id="t", group_id="g", prompt_ids=list(prompt))
+    trajectory.append_model_tokens(result.token_ids, result.logprobs, 0, 0)
+    batch = collate([trajectory], tokenizer.pad_token_id)
+    with torch.no_grad():
+        tempered = forward_response(model, batch, temperature=temperature, top_p=top_p).logprobs[0]
+        plain = forward_response(model, batch).logprobs[0]
+    recorded = torch.tensor(result.logprobs)
+    assert torch.allclose(recorded, tempered, atol=1e-4)
+    assert not torch.allclose(recorded, plain, atol=1e-2)  # T = 1 without top-p is a different policy
