@@ -149,6 +149,10 @@ class RolloutWorker:
 
     async def _loop(self, run: TrajectoryRun, session) -> None:
         config, trajectory = self.config, run.trajectory
+        # A run that already ended and was cancelled while its tool session closed (partial
+        # rollouts end a step at any await) must not generate again when it continues.
+        if trajectory.stop_reason is not None:
+            return
         while True:
             if run.tools_pending:
                 if not await self._tools(run, session):

@@ -12,6 +12,7 @@ from agentrl.envs.search_qa import SearchQAEnv
 from agentrl.config import PartialRolloutConfig, RolloutConfig, ToolsConfig
 from agentrl.executor import ToolExecutor
 from agentrl.rollout import RolloutWorker
+from agentrl.tool import Tool
 from tests.helpers.scripted import ScriptedEngine
 
 SLEEPER = "tests.helpers.demo_tools:Sleeper"
@@ -112,3 +113,50 @@ def test_evaluation_can_bypass_partial_mode(tokenizer):
     tasks = [worker.env.make_task(row, i) for i, row in enumerate(TASKS)]
     batch = asyncio.run(worker.run_batch(tasks, group_size=1, partial=False))
     assert len(batch.trajectories) == 3 and not worker.partial.carried
+
+
+class SlowToClose(Tool):
+    """Answer at once; closing takes a while, as a sandbox session or a tool server release does."""
+
+    name = "slow_close"
+    closing: asyncio.Event | None = None  # set when the first close begins
+
+    async def call(self, x: int = 0) -> str:
+        return "ok"
+
+    async def close(self) -> None:
+        if SlowToClose.closing is not None and not SlowToClose.closing.is_set():
+            SlowToClose.closing.set()
+            await asyncio.sleep(30)
+
+
+class SlowCloseEnv(SleepEnv):
+    tools = ("tests.test_rollout_partial:SlowToClose",)
+    tags = {"check": "slow_close"}
+
+
+def test_a_trajectory_cancelled_while_its_tools_close_does_not_generate_again(tokenizer):
+    def answer_after_one_call(conversation: str) -> str:
+        return "<answer>done</answer>" if "<information>" in conversation else "<check>1</check>"
+
+    engine = ScriptedEngine(tokenizer, answer_after_one_call)
+    worker = RolloutWorker(engine, tokenizer, SlowCloseEnv(), ToolExecutor(list(SlowCloseEnv.tools)),
+                           RolloutConfig(max_turns=5), ToolsConfig())
+    run = worker.new_run(worker.env.make_task({"id": "t"}, 0), 0, seed=1)
+
+    async def main():
+        SlowToClose.closing = asyncio.Event()
+        first = asyncio.ensure_future(worker.advance(run))
+        await asyncio.wait_for(SlowToClose.closing.wait(), 10)  # the answer is in; the session is closing
+        first.cancel()  # the step ends here (partial rollouts cancel whatever is still running)
+        await asyncio.gather(first, return_exceptions=True)
+        calls = engine.calls
+        await worker.advance(run)  # the next step continues the run
+        return calls
+
+    calls = asyncio.run(main())
+    trajectory = run.trajectory
+    assert engine.calls == calls == 2  # nothing generated after the answer
+    assert trajectory.stop_reason == "answer" and trajectory.reward == 1.0 and run.done
+    assert [(s.role, s.turn) for s in trajectory.turns] == [("assistant", 0), ("observation", 0), ("assistant", 1)]
+    assert tokenizer.decode(trajectory.response_ids).count("<answer>") == 1
