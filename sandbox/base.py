@@ -9,7 +9,7 @@ rlimits, for trusted code only, never chosen implicitly). A backend that cannot 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
@@ -28,6 +28,8 @@ class RunResult:
     memory_exceeded: bool = False
     duration_s: float = 0.0
     sandbox_error: str | None = None  # the sandbox itself failed (not the code)
+    files: dict[str, str] = field(default_factory=dict)  # fetched work-directory files, base64
+    files_missing: dict[str, str] = field(default_factory=dict)  # requested files not returned, and why
 
     @property
     def ok(self) -> bool:
@@ -59,8 +61,13 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, code: str, stdin: str = "", files: dict[str, bytes] | None = None, timeout: float = 10.0,
-            memory_mb: int = 512) -> RunResult:
-        """Run ``code`` in a fresh, isolated interpreter and return what happened."""
+            memory_mb: int = 512, language: str = "python", fetch_files: list[str] | tuple[str, ...] = ()) -> RunResult:
+        """Run ``code`` in a fresh, isolated interpreter and return what happened, with the
+        work-directory files named in ``fetch_files``. An unsupported ``language`` raises
+        :class:`SandboxUnavailable` naming the supported ones."""
+
+    def languages(self) -> list[str]:
+        return ["python"]
 
     def session(self, memory_mb: int = 512) -> Session:
         raise SandboxUnavailable(f"the {self.name} backend has no stateful sessions")

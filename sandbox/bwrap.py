@@ -40,34 +40,69 @@ SHM_MB = 16  # /dev/shm, for multiprocessing's semaphores
 SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
 
 
-# Syscalls that would let a job plant state for later jobs: ptrace, process_vm_readv and
-# process_vm_writev (reach the zygote), add_key, request_key and keyctl (the kernel keyrings are
-# per host uid, so they would outlive the job's namespaces).
-_SECCOMP = {
-    "x86_64": (0xC000003E, (101, 310, 311, 248, 249, 250)),
-    "aarch64": (0xC00000B7, (117, 270, 271, 217, 218, 219)),
+# Denied with EPERM. ptrace, process_vm_readv/writev: reach the zygote. add_key, request_key,
+# keyctl: the kernel keyrings are per host uid and would outlive the job. io_uring, bpf,
+# userfaultfd, perf_event_open, modify_ldt, uselib, kexec: the usual kernel privilege-escalation
+# surface, none of which a program under test needs. The mount and namespace family (mount,
+# umount2, pivot_root, unshare, setns, the new mount API, the file-handle calls): the sandbox's
+# namespaces are made once, by bwrap, before the filter is loaded.
+_DENIED = {
+    "x86_64": {"ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "add_key": 248, "request_key": 249,
+               "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321,
+               "userfaultfd": 323, "perf_event_open": 298, "modify_ldt": 154, "uselib": 134, "kexec_load": 246,
+               "kexec_file_load": 320, "mount": 165, "umount2": 166, "pivot_root": 155, "unshare": 272, "setns": 308,
+               "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+               "mount_setattr": 442, "name_to_handle_at": 303, "open_by_handle_at": 304},
+    "aarch64": {"ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "add_key": 217, "request_key": 218,
+                "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280,
+                "userfaultfd": 282, "perf_event_open": 241, "kexec_load": 104, "kexec_file_load": 294, "mount": 40,
+                "umount2": 39, "pivot_root": 41, "unshare": 97, "setns": 268, "open_tree": 428, "move_mount": 429,
+                "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+                "name_to_handle_at": 264, "open_by_handle_at": 265},
 }
+# (audit architecture, clone, clone3). clone's flags (its first argument on both) are checked for
+# namespace flags; clone3 passes them in memory, out of a filter's reach, so it answers ENOSYS and
+# glibc falls back to clone.
+_ARCH = {"x86_64": (0xC000003E, 56, 435), "aarch64": (0xC00000B7, 220, 435)}
+# CLONE_NEWTIME | CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER |
+# CLONE_NEWPID | CLONE_NEWNET
+CLONE_NAMESPACE_FLAGS = 0x00000080 | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 
 
 def seccomp_program() -> bytes:
-    """A classic-BPF seccomp filter: kill on a foreign architecture, EPERM for the syscalls above
-    and for x32 syscall numbers, allow everything else."""
+    """A classic-BPF seccomp filter: kill on a foreign architecture, EPERM for the syscalls above,
+    for x32 syscall numbers and for clone with a namespace flag, ENOSYS for clone3, allow the rest."""
     machine = platform.machine()
-    if machine not in _SECCOMP:
+    if machine not in _ARCH:
         raise SandboxUnavailable(f"no seccomp filter for {machine}; the bwrap backend supports x86_64 and aarch64")
-    arch, denied = _SECCOMP[machine]
-    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050001
+    arch, clone, clone3 = _ARCH[machine]
+    denied = sorted(_DENIED[machine].values())
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill, eperm, enosys = 0x7FFF0000, 0x80000000, 0x00050001, 0x00050026
 
-    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
-        return struct.pack("<HBBI", code, jt, jf, k)
+    # Instructions with symbolic jump targets, resolved to relative offsets below.
+    program: list[tuple[int, int, str | None, str | None]] = [
+        (load, 4, None, None), (jeq, arch, None, "kill"), (load, 0, None, None),
+        (jge, 0x40000000, "eperm", None), (jeq, clone, "clone", None), (jeq, clone3, "enosys", None),
+        *[(jeq, number, "eperm", None) for number in denied],
+        (ret, allow, None, None),
+        ("clone", 0, None, None), (load, 16, None, None), (jset, CLONE_NAMESPACE_FLAGS, "eperm", None), (ret, allow, None, None),
+        ("eperm", 0, None, None), (ret, eperm, None, None),
+        ("enosys", 0, None, None), (ret, enosys, None, None),
+        ("kill", 0, None, None), (ret, kill, None, None),
+    ]
+    labels, instructions = {}, []
+    for code, k, jt, jf in program:
+        if isinstance(code, str):
+            labels[code] = len(instructions)
+        else:
+            instructions.append((code, k, jt, jf))
 
-    checks = len(denied) + 1  # the x32 range check plus one comparison per syscall
-    program = [op(load, 4), op(jeq, arch, 1, 0), op(ret, kill), op(load, 0), op(jge, 0x40000000, checks, 0)]
-    for position, number in enumerate(denied):
-        program.append(op(jeq, number, checks - 1 - position, 0))
-    program += [op(ret, allow), op(ret, eperm)]
-    return b"".join(program)
+    def offset(position: int, target: str | None) -> int:
+        return 0 if target is None else labels[target] - position - 1
+
+    return b"".join(struct.pack("<HBBI", code, offset(i, jt), offset(i, jf), k)
+                    for i, (code, k, jt, jf) in enumerate(instructions))
 
 
 def _world_readable(path: Path) -> bool:
@@ -88,8 +123,11 @@ def find_interpreter() -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     candidates = [Path(sys.executable).resolve(), Path(f"/usr/bin/python{version}"), Path(f"/usr/local/bin/python{version}")]
     for candidate in candidates:
-        if candidate.is_file() and _world_readable(candidate):
-            return candidate.resolve()
+        try:
+            if candidate.is_file() and _world_readable(candidate):
+                return candidate.resolve()
+        except OSError:  # e.g. a virtual environment's interpreter under /root, seen by another user
+            continue
     raise SandboxUnavailable(
         f"no Python {version} that an unprivileged user can run (tried {', '.join(map(str, candidates))}); "
         f"install one, e.g. apt-get install python{version}"
@@ -160,8 +198,7 @@ class BwrapBackend(PooledBackend):
             "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", "/dev/shm",
             "--size", str(self.tmpfs_mb * 1024 * 1024), "--tmpfs", "/tmp",
         ]
-        if mode == "pool":
-            command.append("--as-pid-1")  # the zygote is init: jobs cannot signal it, orphans come to it
+        command.append("--as-pid-1")  # the worker is init: user code cannot signal it, orphans come to it
         for path in SYSTEM_BINDS:
             if os.path.exists(path):
                 command += ["--ro-bind", path, path]

@@ -57,8 +57,13 @@ class DockerBackend(Backend):
         self.tmpfs_mb = tmpfs_mb
 
     def run(self, code: str, stdin: str = "", files: dict[str, bytes] | None = None, timeout: float = 10.0,
-            memory_mb: int = 512) -> RunResult:
+            memory_mb: int = 512, language: str = "python", fetch_files: list[str] | tuple[str, ...] = ()) -> RunResult:
         from docker.types import LogConfig
+
+        if language not in ("python", "python3"):
+            raise SandboxUnavailable(f"language {language!r} is not supported by the docker backend; supported: python")
+        if fetch_files:
+            raise SandboxUnavailable("the docker backend cannot fetch files; use the bwrap backend")
 
         job = {"code": code, "stdin": stdin, "files": {k: base64.b64encode(v).decode() for k, v in (files or {}).items()}}
         argument = base64.b64encode(json.dumps(job).encode()).decode()

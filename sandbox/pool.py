@@ -4,14 +4,16 @@ protocol of :mod:`agentrl.sandbox.worker`, replaced whenever one dies or overrun
 from __future__ import annotations
 
 import base64
-import itertools
+import heapq
 import json
 import os
 import queue
 import select
+import struct
 import subprocess
 import threading
 import time
+import warnings
 import weakref
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +25,12 @@ from agentrl.sandbox.base import (
     SandboxUnavailable,
     Session,
 )
+from agentrl.sandbox.worker import LANGUAGES
 
-_session_ids = itertools.count()
+# Outputs are capped inside the sandbox; a reply also carries fetched files (16 MiB, as base64) and
+# JSON escaping of the outputs. Anything longer is a worker gone wrong.
+MAX_REPLY_BYTES = 64 << 20
+CLEANUP_S = 3.0  # the worker's bound on one job's cleanup (worker.CLEANUP_S)
 
 # bubblewrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that started
 # the process exits. Workers are therefore always started from this one long-lived thread, never
@@ -33,10 +39,11 @@ _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrl-sandbox
 
 
 class Worker:
-    """One sandboxed interpreter speaking the worker's JSON-lines protocol."""
+    """One sandboxed interpreter speaking the worker's length-prefixed JSON protocol. Every read and
+    write is bounded in time and size, so nothing inside the sandbox can hang or flood the host."""
 
     def __init__(self, command: list[str], uid: int | None, processes: int, env: dict[str, str] | None = None,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         def demote() -> None:
             import resource
 
@@ -45,44 +52,87 @@ class Worker:
             os.setuid(uid)
             resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
-        preexec = demote if uid is not None and os.geteuid() == 0 else None
+        self.uid = uid if uid is not None and os.geteuid() == 0 else None
+        self.max_reply_bytes = max_reply_bytes
+        self.failure = ""
+        preexec = demote if self.uid is not None else None
         self.process = _spawner.submit(
             subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=preexec, start_new_session=True, text=True, bufsize=1, env=env, pass_fds=pass_fds,
+            preexec_fn=preexec, start_new_session=True, bufsize=0, env=env, pass_fds=pass_fds,
         ).result()
+        os.set_blocking(self.process.stdin.fileno(), False)
         self.lock = threading.Lock()
-        ready = self._read_line(30.0)
+        ready = self._read_frame(time.monotonic() + 30.0)
         if ready is None or not ready.get("ready"):
             error = self._stderr_tail()
             self.kill()
-            raise SandboxUnavailable(f"could not start a sandbox worker: {error or 'no answer'}")
+            raise SandboxUnavailable(f"could not start a sandbox worker: {error or self.failure or 'no answer'}")
 
     def _stderr_tail(self) -> str:
         try:
             if self.process.poll() is not None:
-                return self.process.stderr.read()[-500:].strip()
+                return self.process.stderr.read()[-500:].decode(errors="replace").strip()
         except (OSError, ValueError):
             pass
         return ""
 
-    def _read_line(self, timeout: float) -> dict | None:
-        # One reply per request, so nothing is ever left buffered between calls: select is exact.
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
+    def _read_exactly(self, size: int, deadline: float) -> bytes | None:
+        fd, chunks, missing = self.process.stdout.fileno(), [], size
+        while missing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                self.failure = f"no answer within {deadline - self._sent:.0f} s"
+                return None
+            chunk = os.read(fd, min(missing, 1 << 20))
+            if not chunk:
+                self.failure = "the worker exited"
+                return None
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
+
+    def _read_frame(self, deadline: float) -> dict | None:
+        self._sent = time.monotonic()
+        header = self._read_exactly(4, deadline)
+        if header is None:
             return None
-        line = self.process.stdout.readline()
-        return json.loads(line) if line else None
+        (size,) = struct.unpack(">I", header)
+        if size > self.max_reply_bytes:
+            self.failure = f"a reply of {size} bytes, over the {self.max_reply_bytes}-byte limit"
+            return None
+        body = self._read_exactly(size, deadline)
+        try:
+            answer = None if body is None else json.loads(body)
+        except ValueError:
+            answer = None
+            self.failure = "a malformed reply"
+        return answer if isinstance(answer, dict) else None
+
+    def _write_all(self, data: bytes, deadline: float) -> bool:
+        fd, view = self.process.stdin.fileno(), memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
+                self.failure = "the worker did not take the request in time"
+                return False
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                self.failure = "the worker exited"
+                return False
+        return True
 
     def request(self, job: dict, timeout: float) -> dict | None:
-        """Send a job; ``None`` if the worker died or did not answer in time (then it is killed)."""
+        """Send a job; ``None`` if the worker died, overran or broke the protocol (then it is
+        killed, and ``failure`` says which)."""
         with self.lock:
-            try:
-                self.process.stdin.write(json.dumps(job) + "\n")
-                self.process.stdin.flush()
-            except (BrokenPipeError, OSError):
-                self.kill()
-                return None
-            answer = self._read_line(timeout)
+            deadline = time.monotonic() + timeout
+            data = json.dumps(job).encode()
+            answer = None
+            if self._write_all(struct.pack(">I", len(data)) + data, deadline):
+                answer = self._read_frame(deadline)
             if answer is None:
                 self.kill()
             return answer
@@ -91,7 +141,8 @@ class Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def kill(self) -> None:
+    def kill(self) -> bool:
+        """Kill the worker's process group; True once it is gone."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, 9)
@@ -106,15 +157,22 @@ class Worker:
                 stream.close()
             except OSError:
                 pass
+        return self.process.poll() is not None
 
 
 class PooledBackend(Backend):
-    """A backend whose executions go to a pool of warm workers. Subclasses say how to start one."""
+    """A backend whose executions go to a pool of warm workers. Subclasses say how to start one.
+
+    Pool workers own uids ``uid_base + slot`` (slot < ``pool_size``); each live session takes the
+    lowest free slot above them and gives it back once its sandbox is gone, so no two live workers
+    ever share a uid and uids do not grow with the number of sessions ever opened."""
 
     def __init__(self, pool_size: int = 2, max_processes: int = 32, tmpfs_mb: int = 64, uid_base: int | None = None,
-                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, session_ttl_s: float = 600.0) -> None:
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, session_ttl_s: float = 600.0,
+                 worker_wait_s: float = 120.0) -> None:
         self.pool_size = pool_size
         self.session_ttl_s = session_ttl_s
+        self.worker_wait_s = worker_wait_s
         self._sessions: weakref.WeakSet[PooledSession] = weakref.WeakSet()
         self._reaper: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -126,7 +184,16 @@ class PooledBackend(Backend):
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(pool_size):
             self._slots.put(slot)
+        self._free_session_slots: list[int] = []
+        self._next_session_slot = pool_size
+        self._slot_lock = threading.Lock()
         self._closed = False
+        if uid_base is not None and os.geteuid() != 0:
+            warnings.warn(
+                f"the sandbox host process is not root (uid {os.geteuid()}), so every sandbox runs as this same uid: "
+                "they share one process limit and can signal each other's processes, and a fork bomb in one starves "
+                "the rest; run the trainer or tool server as root for a separate uid per sandbox",
+                RuntimeWarning, stacklevel=3)
 
     @abstractmethod
     def command(self, mode: str, memory_mb: int = 512) -> list[str]:
@@ -134,6 +201,10 @@ class PooledBackend(Backend):
 
     def environment(self) -> dict[str, str] | None:
         return None
+
+    def languages(self) -> list[str]:
+        """What ``run`` accepts as ``language``: Python, and the interpreters this host has."""
+        return ["python", *(name for name, (path, _) in LANGUAGES.items() if os.access(path, os.X_OK))]
 
     def uid(self, slot: int) -> int | None:
         """A distinct unprivileged host uid per worker (process limits and signals stay apart)."""
@@ -143,6 +214,17 @@ class PooledBackend(Backend):
         worker = Worker(self.command(mode, memory_mb), self.uid(slot), self.max_processes, self.environment())
         worker.slot = slot
         return worker
+
+    def take_session_slot(self) -> int:
+        with self._slot_lock:
+            if self._free_session_slots:
+                return heapq.heappop(self._free_session_slots)
+            self._next_session_slot += 1
+            return self._next_session_slot - 1
+
+    def give_back_session_slot(self, slot: int) -> None:
+        with self._slot_lock:
+            heapq.heappush(self._free_session_slots, slot)
 
     # -- pool ------------------------------------------------------------------------------
 
@@ -159,28 +241,59 @@ class PooledBackend(Backend):
                 raise
             self._idle.put(worker)
 
+    def _take_worker(self) -> Worker:
+        """An idle worker; slots whose worker failed to start are retried while waiting."""
+        deadline = time.monotonic() + self.worker_wait_s
+        error: BaseException | None = None
+        while True:
+            try:
+                return self._idle.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                pass
+            if self._closed:
+                raise SandboxUnavailable("the sandbox backend is closed")
+            try:
+                self._replenish()
+            except SandboxUnavailable as failure:
+                error = failure
+            if time.monotonic() > deadline:
+                raise SandboxUnavailable(f"no sandbox worker became free within {self.worker_wait_s:g} s"
+                                         + (f": {error}" if error else ""))
+
+    def _retire(self, worker: Worker) -> None:
+        """Replace a worker that died, overran or could not clean up after its job; the job that
+        caused it pays for the restart, not the next one."""
+        worker.kill()
+        self._slots.put(worker.slot)
+        try:
+            self._replenish()
+        except SandboxUnavailable:
+            pass  # retried by the next call that waits for a worker
+
     def run(self, code: str, stdin: str = "", files: dict[str, bytes] | None = None, timeout: float = 10.0,
-            memory_mb: int = 512) -> RunResult:
+            memory_mb: int = 512, language: str = "python", fetch_files: list[str] | tuple[str, ...] = ()) -> RunResult:
         if self._closed:
             raise SandboxUnavailable("the sandbox backend is closed")
-        worker = self._idle.get()
+        language = "python" if language == "python3" else language
+        if language not in self.languages():
+            raise SandboxUnavailable(f"language {language!r} is not supported here; supported: {', '.join(self.languages())}")
+        worker = self._take_worker()
         job = {
-            "code": code, "stdin": stdin, "timeout": timeout, "memory_mb": memory_mb,
+            "code": code, "stdin": stdin, "timeout": timeout, "memory_mb": memory_mb, "language": language,
             "files": {name: base64.b64encode(data).decode() for name, data in (files or {}).items()},
-            "max_output_bytes": self.max_output_bytes, "processes": self.max_processes,
-            "file_bytes": self.tmpfs_mb * 1024 * 1024,
+            "fetch_files": list(fetch_files), "max_output_bytes": self.max_output_bytes,
+            "processes": self.max_processes, "file_bytes": self.tmpfs_mb * 1024 * 1024,
         }
         started = time.monotonic()
-        answer = worker.request(job, timeout + 5.0)
-        if answer is not None and worker.alive and not answer.get("sandbox_error"):
+        answer = worker.request(job, timeout + CLEANUP_S + 5.0)
+        if answer is not None and worker.alive and not answer.get("replace_worker"):
             self._idle.put(worker)
         else:
-            worker.kill()
-            self._slots.put(worker.slot)
-            self._replenish()
+            self._retire(worker)
         if answer is None:
-            return RunResult(timed_out=True, return_code=None, duration_s=time.monotonic() - started,
-                             sandbox_error=None if time.monotonic() - started >= timeout else "the worker died")
+            overran = time.monotonic() - started >= timeout
+            return RunResult(timed_out=overran, return_code=None, duration_s=time.monotonic() - started,
+                             sandbox_error=None if overran else f"the worker failed: {worker.failure}")
         return RunResult(**{k: answer.get(k) for k in RunResult.__dataclass_fields__ if k in answer})
 
     def session(self, memory_mb: int = 512) -> PooledSession:
@@ -216,7 +329,6 @@ class PooledSession(Session):
     def __init__(self, backend: PooledBackend, memory_mb: int = 512) -> None:
         self.backend = backend
         self.memory_mb = memory_mb
-        self.slot = backend.pool_size + 1 + next(_session_ids) % 1000
         self.worker: Worker | None = None
         self.last_used = time.monotonic()
         self.expired = False
@@ -229,15 +341,22 @@ class PooledSession(Session):
                 notice = f"[the session was idle for over {self.backend.session_ttl_s:g} s and restarted; earlier variables are lost]\n"
                 self.expired = False
             if self.worker is None or not self.worker.alive:
-                self.worker = self.backend.start_worker("session", self.slot, self.memory_mb)
+                self._stop()
+                slot = self.backend.take_session_slot()
+                try:
+                    self.worker = self.backend.start_worker("session", slot, self.memory_mb)
+                except BaseException:
+                    self.backend.give_back_session_slot(slot)
+                    raise
             started = time.monotonic()
             job = {"code": code, "timeout": timeout, "max_output_bytes": self.backend.max_output_bytes}
-            answer = self.worker.request(job, timeout + 2.0)
+            answer = self.worker.request(job, timeout + 5.0)
             self.last_used = time.monotonic()
             if answer is None:  # overran or crashed: the session's state is gone with its sandbox
+                failure = self.worker.failure
                 self._stop()
-                return RunResult(timed_out=True, duration_s=time.monotonic() - started,
-                                 stderr="the session was restarted; earlier variables are lost")
+                return RunResult(timed_out=True, return_code=None, duration_s=time.monotonic() - started,
+                                 stderr=f"the session was restarted ({failure}); earlier variables are lost")
             if answer.get("timed_out") or answer.get("memory_exceeded"):
                 self._stop()  # a process that hit a limit may be inconsistent: start clean next time
             result = RunResult(**{k: answer.get(k) for k in RunResult.__dataclass_fields__ if k in answer})
@@ -257,7 +376,8 @@ class PooledSession(Session):
 
     def _stop(self) -> None:
         if self.worker is not None:
-            self.worker.kill()
+            if self.worker.kill():  # a uid goes back to the free list only once nothing runs as it
+                self.backend.give_back_session_slot(self.worker.slot)
             self.worker = None
 
     def close(self) -> None:

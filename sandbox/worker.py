@@ -1,12 +1,18 @@
-"""The process that lives inside a sandbox. Standard library only; talks JSON lines on stdin/stdout.
+"""The process that lives inside a sandbox. Standard library only; talks length-prefixed JSON frames
+(a 4-byte big-endian length, then the JSON) on stdin/stdout.
 
-``pool`` mode (a zygote): heavy modules are imported once; every job runs in a freshly forked
-child with its own rlimits and a wiped work directory, and after it every other process in the
-sandbox's pid namespace is killed. User code never runs in the zygote, so nothing leaks from one
-job to the next.
+``pool`` mode (a zygote): heavy modules are imported once. The zygote never reads a job: when a
+request is waiting it forks a supervisor, and that supervisor reads the request from the pipe,
+forks the user's process, collects its output, cleans up after it (kills every other process of
+the sandbox, removes IPC objects, empties ``/tmp`` and ``/dev/shm``, all within a time bound),
+writes the reply and exits. So no process that holds one job's data (code, stdin, output, files)
+is ever the parent of the next job: the next job starts from the zygote's memory, which has never
+seen any job. A cleanup that overruns or fails is reported, and the host replaces the worker.
 
-``session`` mode: one trajectory's persistent interpreter; code runs in a long-lived namespace so
-variables survive between calls. The host kills the whole sandbox if a call overruns.
+``session`` mode: one trajectory's persistent interpreter. The worker keeps the host protocol and
+forks an interpreter child without it; the child runs each call in a long-lived namespace and
+reports on a private channel that the worker reads with a deadline and a size cap, so user code
+can neither forge a reply to the host nor hang it.
 """
 
 import base64
@@ -15,9 +21,9 @@ import linecache
 import os
 import resource
 import select
-import shutil
 import signal
 import stat
+import struct
 import sys
 import time
 import traceback
@@ -29,9 +35,67 @@ WORK = os.path.join(ROOT, "work")
 # Under bubblewrap the worker owns its pid and IPC namespaces and /dev/shm, so it may clean them.
 OWN_NAMESPACES = os.environ.get("AGENTRL_OWN_NAMESPACES") == "1"
 SHM = "/dev/shm"
-PR_SET_DUMPABLE = 4
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
 MARK = "\n[... output truncated: {} more bytes ...]\n"
+CLEANUP_S = 3.0  # the most a job's cleanup may take before the worker is replaced instead
+MAX_FETCH_BYTES = 16 << 20  # files returned by fetch_files, all together
+CONTROL_FRAME_BYTES = 4096  # a session interpreter's report: a few numbers
+LANGUAGES = {  # language -> (interpreter, file suffix) for what is not run in-process
+    "bash": ("/bin/bash", ".sh"), "sh": ("/bin/sh", ".sh"), "nodejs": ("/usr/bin/node", ".js"),
+    "perl": ("/usr/bin/perl", ".pl"),
+}
+_libc = None
 
+
+def libc():
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+# -- framing -------------------------------------------------------------------------------------
+
+def write_frame(fd, message):
+    data = json.dumps(message).encode()
+    view = memoryview(struct.pack(">I", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_exactly(fd, size, deadline=None):
+    chunks, missing = [], size
+    while missing:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+        chunk = os.read(fd, min(missing, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        missing -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd, deadline=None, limit=None):
+    """One frame, or ``None`` at end of stream, past the deadline, over ``limit`` or malformed."""
+    header = read_exactly(fd, 4, deadline)
+    if header is None:
+        return None
+    (size,) = struct.unpack(">I", header)
+    if limit is not None and size > limit:
+        return None
+    body = read_exactly(fd, size, deadline)
+    try:
+        return None if body is None else json.loads(body)
+    except ValueError:
+        return None
+
+
+# -- running user code ---------------------------------------------------------------------------
 
 def set_limits(memory_mb, cpu_seconds, file_bytes, processes, open_files=256):
     limits = [
@@ -117,15 +181,140 @@ def text(data, dropped):
     return out + MARK.format(dropped) if dropped else out
 
 
-def kill_everything_else():
-    """Kill and reap every process of this pid namespace except this worker (its init), so
-    daemonised grandchildren die too: orphans are re-parented to init, so all are our children."""
+def write_files(files):
+    for name, content in (files or {}).items():
+        target = os.path.normpath(os.path.join(WORK, name))
+        if not target.startswith(WORK + "/"):
+            raise ValueError(f"file name {name!r} leaves the work directory")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as handle:
+            handle.write(base64.b64decode(content))
+
+
+def fetch_files(names, limit=MAX_FETCH_BYTES):
+    """``(files, missing)``: the requested work-directory files as base64, within ``limit`` bytes
+    in all, and for each one not returned the reason."""
+    files, missing, total = {}, {}, 0
+    for name in names:
+        target = os.path.normpath(os.path.join(WORK, name))
+        if not target.startswith(WORK + "/"):
+            missing[name] = "the name leaves the work directory"
+            continue
+        try:
+            with open(target, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    missing[name] = "not a regular file"
+                    continue
+                data = handle.read(limit - total + 1)
+        except OSError as error:
+            missing[name] = error.strerror or str(error)
+            continue
+        if total + len(data) > limit:
+            missing[name] = f"over the {limit >> 20} MiB limit on fetched files"
+            continue
+        total += len(data)
+        files[name] = base64.b64encode(data).decode()
+    return files, missing
+
+
+def job_child(job, stdin_fd, out_w, err_w, timeout):
+    """The user's process: fresh descriptors 0-2, nothing else open, rlimits, then the code."""
+    try:
+        os.setsid()
+        os.dup2(stdin_fd, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.closerange(3, 1 << 16)  # the protocol and every other descriptor of the supervisor
+        os.chdir(WORK)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        set_limits(int(job.get("memory_mb", 512)), int(timeout) + 1, int(job.get("file_bytes", 32 << 20)),
+                   int(job.get("processes", 32)))
+        language = job.get("language", "python")
+        if language in ("python", "python3"):
+            code = run_user_code(job["code"])
+            sys.stdout.flush()
+            sys.stderr.flush()
+        else:
+            interpreter, suffix = LANGUAGES[language]
+            script = os.path.join(ROOT, "main" + suffix)
+            os.execv(interpreter, [os.path.basename(interpreter), script])
+    except BaseException:
+        code = 70
+    os._exit(code)
+
+
+def supervise(job):
+    """Run one job in a child of this supervisor and collect what it did."""
+    started = time.monotonic()
+    timeout = float(job.get("timeout", 10))
+    limit = int(job.get("max_output_bytes", 65536))
+    language = job.get("language", "python")
+    if language not in ("python", "python3") and language not in LANGUAGES:
+        return {"sandbox_error": f"language {language!r} is not supported", "return_code": None}
+    try:
+        write_files(job.get("files"))
+        if language in LANGUAGES:
+            with open(os.path.join(ROOT, "main" + LANGUAGES[language][1]), "w") as handle:
+                handle.write(job["code"])
+    except (ValueError, OSError) as error:
+        return {"sandbox_error": str(error), "return_code": None}
+    stdin_fd = os.memfd_create("stdin")  # any size, where a pipe holds 64 KiB
+    data = memoryview(job.get("stdin", "").encode())
+    while data:
+        data = data[os.write(stdin_fd, data):]
+    os.lseek(stdin_fd, 0, os.SEEK_SET)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        job_child(job, stdin_fd, out_w, err_w, timeout)
+    for fd in (stdin_fd, out_w, err_w):
+        os.close(fd)
+    kept, dropped, timed_out, status = read_capped([out_r, err_r], started + timeout, limit, pid)
+    if timed_out:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.close(out_r)
+    os.close(err_r)
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+    if not OWN_NAMESPACES:  # the process backend shares the host's pid namespace: the job's group only
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    duration = time.monotonic() - started
+    stderr = text(kept[err_r], dropped[err_r])
+    result = {
+        "stdout": text(kept[out_r], dropped[out_r]),
+        "stderr": stderr,
+        "return_code": os.waitstatus_to_exitcode(status),
+        "timed_out": timed_out,
+        "memory_exceeded": "MemoryError" in stderr[-2000:],
+        "duration_s": duration,
+    }
+    if job.get("fetch_files"):
+        result["files"], result["files_missing"] = fetch_files(job["fetch_files"],
+                                                               int(job.get("max_fetch_bytes", MAX_FETCH_BYTES)))
+    return result
+
+
+# -- cleanup -------------------------------------------------------------------------------------
+
+def kill_everything_else(deadline, spare=(1,)):
+    """Kill and reap every process of this pid namespace except ``spare`` and this one. True when
+    none is left. Orphans come to this process (a subreaper) or to init, so all are reaped."""
     me = os.getpid()
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, me)]
+    while True:
+        others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (*spare, me)]
         if not others:
-            return
+            return True
+        if time.monotonic() > deadline:
+            return False
         for pid in others:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -144,13 +333,10 @@ def kill_everything_else():
 def remove_ipc_objects():
     """Remove the System V shared memory, semaphores and message queues a job created: they live
     in the sandbox's IPC namespace, not in a process, and would otherwise reach the next job."""
-    import ctypes
-
-    libc = ctypes.CDLL(None)
     ipc_rmid = 0
-    for kind, remove in (("shm", lambda i: libc.shmctl(i, ipc_rmid, None)),
-                         ("sem", lambda i: libc.semctl(i, 0, ipc_rmid)),
-                         ("msg", lambda i: libc.msgctl(i, ipc_rmid, None))):
+    for kind, remove in (("shm", lambda i: libc().shmctl(i, ipc_rmid, None)),
+                         ("sem", lambda i: libc().semctl(i, 0, ipc_rmid)),
+                         ("msg", lambda i: libc().msgctl(i, ipc_rmid, None))):
         try:
             with open(f"/proc/sysvipc/{kind}") as handle:
                 rows = handle.read().splitlines()[1:]
@@ -160,145 +346,133 @@ def remove_ipc_objects():
             remove(int(row.split()[1]))
 
 
-def wipe(directory):
-    """Empty ``directory``, also what a job locked (``chmod 000``): it belongs to our uid."""
-    def unlock_and_retry(function, path, _):
-        os.chmod(os.path.dirname(path), 0o700)
-        if os.path.isdir(path) and not os.path.islink(path):
+def wipe(directory, deadline):
+    """Empty ``directory`` without recursion (a 3000-deep tree must not raise RecursionError),
+    unlocking what the job locked (``chmod 000``: it is our uid's). False past the deadline."""
+    stack = [directory]
+    while stack:
+        path = stack[-1]
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
             os.chmod(path, 0o700)
-            shutil.rmtree(path, onerror=unlock_and_retry)
-        else:
-            function(path)
+        pushed = False
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if time.monotonic() > deadline:
+                    return False
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    pushed = True
+                else:
+                    os.unlink(entry.path)
+        if not pushed:
+            stack.pop()
+            if path != directory:
+                os.rmdir(path)
+    return True
 
-    os.chmod(directory, stat.S_IMODE(os.stat(directory).st_mode) | 0o700)
-    for entry in os.listdir(directory):
-        path = os.path.join(directory, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, onerror=unlock_and_retry)
-        else:
-            os.unlink(path)
 
-
-def reset_workdir(files):
-    """An empty work directory, as the zygote made it. Wiping costs most of a millisecond, so
-    an untouched one (the common case) is left as it is."""
+def workdir_is_clean():
     try:
         work = os.lstat(WORK)
-        clean = (os.listdir(ROOT) == ["work"] and stat.S_ISDIR(work.st_mode) and stat.S_IMODE(work.st_mode) == 0o755
-                 and not os.listdir(WORK))
+        return (os.listdir(ROOT) == ["work"] and stat.S_ISDIR(work.st_mode) and stat.S_IMODE(work.st_mode) == 0o755
+                and not os.listdir(WORK) and stat.S_IMODE(os.stat(ROOT).st_mode) == ROOT_MODE)
     except OSError:
-        clean = False
-    if not clean:
-        wipe(ROOT)
-        os.mkdir(WORK, 0o755)
-        os.chmod(WORK, 0o755)  # whatever the umask
-    if OWN_NAMESPACES:
-        try:
-            dirty = bool(os.listdir(SHM))
-        except OSError:  # locked by the job
-            dirty = True
-        if dirty:
-            wipe(SHM)
-    for name, content in (files or {}).items():
-        target = os.path.normpath(os.path.join(WORK, name))
-        if not target.startswith(WORK + "/"):
-            raise ValueError(f"file name {name!r} leaves the work directory")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as handle:
-            handle.write(base64.b64decode(content))
+        return False
 
 
-def pool_job(job, protocol_fds):
+def clean_up(deadline):
+    """Leave the sandbox as the zygote made it; the reason if that was not possible in time."""
+    try:
+        if OWN_NAMESPACES:
+            if not kill_everything_else(deadline):
+                return "processes of the job survived being killed"
+            remove_ipc_objects()
+        if not workdir_is_clean():
+            if not wipe(ROOT, deadline):
+                return f"emptying the work directory took over {CLEANUP_S:g} s"
+            os.chmod(ROOT, ROOT_MODE)
+            os.mkdir(WORK, 0o755)
+            os.chmod(WORK, 0o755)  # whatever the umask
+        if OWN_NAMESPACES:
+            try:
+                dirty = bool(os.listdir(SHM))
+            except OSError:  # locked by the job
+                dirty = True
+            if dirty and not wipe(SHM, deadline):
+                return f"emptying /dev/shm took over {CLEANUP_S:g} s"
+    except BaseException as error:  # whatever the job left, the worker is replaced rather than trusted
+        return f"cleanup failed: {type(error).__name__}: {error}"
+    return None
+
+
+def supervisor(request_fd, reply_fd):
+    """The per-job process forked by the zygote: read one job, run it, clean up, reply. Its exit
+    status tells the zygote whether the sandbox may serve another job (0) or not."""
+    libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the job's orphans come here, not to the zygote
+    job = read_frame(request_fd)
+    if job is None:
+        return 3  # the host closed the pipe
+    try:
+        result = supervise(job)
+    except BaseException as error:
+        result = {"sandbox_error": f"{type(error).__name__}: {error}", "return_code": None}
     started = time.monotonic()
-    timeout = float(job.get("timeout", 10))
-    limit = int(job.get("max_output_bytes", 65536))
-    try:
-        reset_workdir(job.get("files"))
-    except (ValueError, OSError) as error:
-        return {"sandbox_error": str(error), "return_code": None}
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            os.dup2(in_r, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            for fd in (in_r, in_w, out_r, out_w, err_r, err_w, *protocol_fds):
-                os.close(fd)
-            os.chdir(WORK)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            set_limits(int(job.get("memory_mb", 512)), int(timeout) + 1, int(job.get("file_bytes", 32 << 20)),
-                       int(job.get("processes", 32)))
-            code = run_user_code(job["code"])
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
+    reason = clean_up(started + CLEANUP_S)
+    result["cleanup_s"] = time.monotonic() - started
+    if reason:
+        result["replace_worker"] = reason
+    write_frame(reply_fd, result)
+    return 4 if reason else 0
+
+
+def zygote(request_fd, reply_fd):
+    """Fork a supervisor whenever a request waits; never read one. Exits (and the host replaces
+    this sandbox) if a supervisor did not finish cleanly."""
+    while True:
+        select.select([request_fd], [], [])
+        pid = os.fork()
+        if pid == 0:
             code = 70
-        os._exit(code)
-    for fd in (in_r, out_w, err_w):
-        os.close(fd)
-    data = job.get("stdin", "").encode()
-    try:
-        if data:
-            os.write(in_w, data[:65536])
-    except OSError:
-        pass
-    os.close(in_w)
-    kept, dropped, timed_out, status = read_capped([out_r, err_r], started + timeout, limit, pid)
-    if timed_out:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    os.close(out_r)
-    os.close(err_r)
-    if status is None:
+            try:
+                code = supervisor(request_fd, reply_fd)
+            finally:
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
-    if OWN_NAMESPACES:
-        kill_everything_else()  # every leftover, including daemonised grandchildren
-        remove_ipc_objects()
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)  # the job's process group
-        except (ProcessLookupError, PermissionError):
-            pass
-    return_code = os.waitstatus_to_exitcode(status)
-    stderr = text(kept[err_r], dropped[err_r])
-    return {
-        "stdout": text(kept[out_r], dropped[out_r]),
-        "stderr": stderr,
-        "return_code": return_code,
-        "timed_out": timed_out,
-        "memory_exceeded": "MemoryError" in stderr[-2000:],
-        "duration_s": time.monotonic() - started,
-    }
+        code = os.waitstatus_to_exitcode(status)
+        if code == 3:
+            sys.exit(0)  # the host is gone
+        if code not in (0, 4):
+            # The job killed its supervisor (same uid) before it wrote anything: say so, as the
+            # job's failure, and let the host replace this sandbox rather than clean up here,
+            # which would pass the job's file names through the zygote's memory.
+            write_frame(reply_fd, {"stdout": "", "stderr": "the job killed the process supervising it\n",
+                                   "return_code": code if code < 0 else 1, "replace_worker": "the supervisor died"})
+        if code != 0:
+            sys.exit(1)
+        if OWN_NAMESPACES and not kill_everything_else(time.monotonic() + CLEANUP_S):
+            sys.exit(1)
 
 
 def protect_zygote():
     """Jobs run as the zygote's uid. Non-dumpable, its memory and descriptors are out of their reach
     (``/proc/<pid>/mem``, ``/proc/<pid>/fd``), so no job can plant state for the next one. Its
     children inherit the flag, so it also covers them; they need nothing that it forbids."""
-    import ctypes
+    if libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        import ctypes
 
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         sys.exit(f"cannot make the zygote non-dumpable (errno {ctypes.get_errno()})")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+
+# -- sessions ------------------------------------------------------------------------------------
 
 class Timeout(Exception):
     pass
 
 
-def session_job(job, namespace):
-    started = time.monotonic()
-    limit = int(job.get("max_output_bytes", 65536))
+def session_call(job, namespace):
+    """Run one call in the interpreter's namespace, stdout and stderr to files the worker reads."""
     paths = (os.path.join(ROOT, ".stdout"), os.path.join(ROOT, ".stderr"))
-    saved = (os.dup(1), os.dup(2))
     for fd, path in zip((1, 2), paths):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
@@ -309,8 +483,7 @@ def session_job(job, namespace):
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, float(job.get("timeout", 10)))
-    timed_out = False
-    return_code = 0
+    timed_out, return_code = False, 0
     try:
         remember_source(job["code"])
         exec(compile(job["code"], "main.py", "exec"), namespace)
@@ -328,22 +501,103 @@ def session_job(job, namespace):
             sys.stderr.flush()
         except OSError:
             pass
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-    outputs = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
-            size = os.fstat(handle.fileno()).st_size
-        outputs.append(text(data[:limit], max(size - limit, 0)))
-    stderr = outputs[1]
-    return {"stdout": outputs[0], "stderr": stderr, "return_code": return_code, "timed_out": timed_out,
-            "memory_exceeded": "MemoryError" in stderr[-2000:], "duration_s": time.monotonic() - started}
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+    return {"return_code": return_code, "timed_out": timed_out}
+
+
+def interpreter(jobs_r, reports_w, memory_mb):
+    """The session's long-lived child: it never holds the host protocol."""
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    os.chdir(WORK)
+    set_limits(memory_mb, 10**6, 32 << 20, 32)  # time is enforced per call, by the worker and the host
+    while True:
+        job = read_frame(jobs_r)
+        if job is None:
+            os._exit(0)
+        write_frame(reports_w, session_call(job, namespace))
+
+
+class Interpreter:
+    def __init__(self, memory_mb, protocol_fds):
+        jobs_r, self.jobs_w = os.pipe()
+        self.reports_r, reports_w = os.pipe()
+        sys.stdout.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                for fd in (*protocol_fds, self.jobs_w, self.reports_r, null):
+                    os.close(fd)
+                interpreter(jobs_r, reports_w, memory_mb)
+            finally:
+                os._exit(70)
+        os.close(jobs_r)
+        os.close(reports_w)
+
+    def call(self, job, limit):
+        started = time.monotonic()
+        write_frame(self.jobs_w, {"code": job["code"], "timeout": job.get("timeout", 10)})
+        report = read_frame(self.reports_r, started + float(job.get("timeout", 10)) + 1.0, CONTROL_FRAME_BYTES)
+        if not isinstance(report, dict) or not isinstance(report.get("return_code"), int):
+            timed_out = time.monotonic() - started >= float(job.get("timeout", 10))
+            self.stop()
+            return {"stdout": "", "return_code": None if not timed_out else 1, "timed_out": timed_out,
+                    "duration_s": time.monotonic() - started, "restarted": True,
+                    "stderr": "" if timed_out else "the session's interpreter stopped answering or wrote on its control "
+                                                   "channel; it was restarted and earlier variables are lost"}
+        outputs = []
+        for name in (".stdout", ".stderr"):
+            try:
+                with open(os.path.join(ROOT, name), "rb") as handle:
+                    data = handle.read(limit + 1)
+                    size = os.fstat(handle.fileno()).st_size
+            except OSError:
+                data, size = b"", 0
+            outputs.append(text(data[:limit], max(size - limit, 0)))
+        return {"stdout": outputs[0], "stderr": outputs[1], "return_code": report["return_code"],
+                "timed_out": bool(report.get("timed_out")), "memory_exceeded": "MemoryError" in outputs[1][-2000:],
+                "duration_s": time.monotonic() - started}
+
+    def stop(self):
+        for fd in (self.jobs_w, self.reports_r):
+            os.close(fd)
+        if OWN_NAMESPACES:
+            kill_everything_else(time.monotonic() + CLEANUP_S)
+        else:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def session_worker(request_fd, reply_fd, memory_mb):
+    current = None
+    while True:
+        job = read_frame(request_fd)
+        if job is None:
+            return
+        if current is None:
+            current = Interpreter(memory_mb, (request_fd, reply_fd))
+        result = current.call(job, int(job.get("max_output_bytes", 65536)))
+        if result.pop("restarted", False):
+            current = None
+        while True:  # reap the interpreter's exited orphans (they come to this init)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        write_frame(reply_fd, result)
 
 
 def main():
+    global ROOT_MODE
     mode = sys.argv[1] if len(sys.argv) > 1 else "pool"
     memory_mb = int(sys.argv[2]) if len(sys.argv) > 2 else 512
     for module in sys.argv[3:]:
@@ -351,31 +605,24 @@ def main():
             __import__(module)  # warm imports: forked children get them for free
         except ImportError:
             pass
-    if mode == "pool":
-        protect_zygote()
+    protect_zygote()
     os.makedirs(WORK, exist_ok=True)
     os.chmod(WORK, 0o755)
-    # The protocol moves to private descriptors so user code cannot write on it.
+    ROOT_MODE = stat.S_IMODE(os.stat(ROOT).st_mode)
+    # The protocol moves to private descriptors; 0 and 1 become /dev/null.
     request_fd, reply_fd = os.dup(0), os.dup(1)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    requests = os.fdopen(request_fd, "r")
-    replies = os.fdopen(reply_fd, "w")
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    if mode == "session":
-        os.chdir(WORK)
-        set_limits(memory_mb, 10**6, 32 << 20, 32)  # time is enforced per call and by the host
-    replies.write(json.dumps({"ready": True}) + "\n")
-    replies.flush()
-    for line in requests:
-        job = json.loads(line)
-        if mode == "pool":
-            result = pool_job(job, (request_fd, reply_fd, null))
-        else:
-            result = session_job(job, namespace)
-        replies.write(json.dumps(result) + "\n")
-        replies.flush()
+    os.dup2(null, 1)
+    os.close(null)
+    write_frame(reply_fd, {"ready": True})
+    if mode == "pool":
+        zygote(request_fd, reply_fd)
+    else:
+        session_worker(request_fd, reply_fd, memory_mb)
 
+
+ROOT_MODE = 0o755
 
 if __name__ == "__main__":
     main()

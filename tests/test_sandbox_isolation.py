@@ -1,0 +1,349 @@
+"""The warm pool forgets: no byte of one job (code, stdin, stdout, files) is readable by the next;
+sessions cannot hang or flood the host; the seccomp filter refuses the kernel's riskiest
+interfaces; a job's mess is cleaned up at its own expense; uids come from a free list."""
+
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+from agentrl.sandbox.base import get_backend
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
+
+MARKER = "ZQXJK"  # every secret is MARKER + 32 hex digits; a finder knows only their SHA-256
+CHANNELS = ("code", "stdin", "stdout", "files")
+
+
+def secret() -> str:
+    return MARKER + secrets.token_hex(16)
+
+
+def digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+# Runs as the next job: it knows the secrets' digests only, so finding one proves a leak.
+FINDER = textwrap.dedent(r"""
+    import hashlib, json, os, re
+    WANTED = json.loads(WANTED_JSON)
+    pattern = re.compile(MARKER_TEXT.encode() + rb"[0-9a-f]{32}")
+    found = {}
+
+    def scan(data, where):
+        for match in pattern.finditer(data):
+            name = WANTED.get(hashlib.sha256(match.group()).hexdigest())
+            if name:
+                found.setdefault(name, set()).add(where)
+
+    def scan_memory(pid, where):
+        try:
+            maps = open(f"/proc/{pid}/maps").read().splitlines()
+            mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except OSError:
+            return
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            for offset in range(start, end, 1 << 20):
+                try:
+                    scan(os.pread(mem, min(1 << 20, end - offset) + 64, offset), where)
+                except OSError:
+                    break
+        os.close(mem)
+
+    def scan_own_memory():
+        # /proc/self/mem is root's in a non-dumpable process: copy each mapping through a memfd
+        # instead (the kernel answers EFAULT for what cannot be read, where a load would crash).
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.write.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+        libc.write.restype = ctypes.c_ssize_t
+        copy = os.memfd_create("scan")
+        for line in open("/proc/self/maps").read().splitlines():
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            for offset in range(start, end, 1 << 20):
+                os.ftruncate(copy, 0)
+                os.lseek(copy, 0, 0)
+                size = libc.write(copy, offset, min((1 << 20) + 64, end - offset))
+                if size > 0:
+                    scan(os.pread(copy, size, 0), "own memory")
+        os.close(copy)
+
+    scan_own_memory()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.set_blocking(int(fd), False)
+            scan(os.pread(int(fd), 1 << 22, 0), f"fd {fd}")
+        except OSError:
+            try:
+                scan(os.read(int(fd), 1 << 22), f"fd {fd}")
+            except OSError:
+                pass
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()] + ["self"]:
+        for leaf in ("cmdline", "environ", "stat", "status", "io"):
+            try:
+                scan(open(f"/proc/{pid}/{leaf}", "rb").read(), f"/proc/{pid}/{leaf}")
+            except OSError:
+                pass
+        if pid not in ("self", str(os.getpid())):
+            scan_memory(pid, f"/proc/{pid}/mem")
+    for top in ("/tmp", "/dev/shm"):
+        for folder, _, names in os.walk(top):
+            for name in names:
+                try:
+                    scan(open(os.path.join(folder, name), "rb").read(), os.path.join(folder, name))
+                except OSError:
+                    pass
+    print(json.dumps({name: sorted(places) for name, places in found.items()}))
+""")
+
+
+def finder_code(planted: dict[str, str]) -> str:
+    wanted = json.dumps({digest(value): name for name, value in planted.items()})
+    return f"WANTED_JSON = {wanted!r}\nMARKER_TEXT = {MARKER!r}\n" + FINDER
+
+
+def scan_from_host(pid: int, planted: dict[str, str]) -> set[str]:
+    """Which secrets are in the memory of host process ``pid`` (readable to root only)."""
+    wanted = {value.encode(): name for name, value in planted.items()}
+    found = set()
+    with open(f"/proc/{pid}/maps") as handle:
+        maps = handle.read().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except OSError:
+                continue
+            found |= {name for value, name in wanted.items() if value in data}
+    return found
+
+
+def zygotes(backend) -> list[int]:
+    """The idle workers' zygotes: each is its bwrap's only child (the namespace's pid 1)."""
+    return [child.pid for worker in list(backend._idle.queue) for child in psutil.Process(worker.process.pid).children()]
+
+
+def sandbox_tree(backend) -> list[psutil.Process]:
+    """Every process inside the idle workers' sandboxes, once a finished job's supervisor is gone."""
+    deadline = time.monotonic() + 3
+    while True:
+        tree = [p for worker in list(backend._idle.queue) for p in psutil.Process(worker.process.pid).children(recursive=True)]
+        if len(tree) <= len(backend._idle.queue) or time.monotonic() > deadline:
+            return tree
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def single():
+    backend = get_backend("bwrap", pool_size=1)  # one warm worker: every job runs on the same zygote
+    yield backend
+    backend.close()
+
+
+def test_no_byte_of_a_job_is_readable_by_the_next(single):
+    planted = {name: secret() for name in CHANNELS}
+    code = (f"kept = {planted['code']!r}\nimport sys\nseen = sys.stdin.read()\nfile = open('data.bin').read()\n"
+            f"print({planted['stdout'][::-1]!r}[::-1])\n")
+    first = single.run(code, stdin=planted["stdin"], files={"data.bin": planted["files"].encode()})
+    assert first.ok and first.stdout == planted["stdout"] + "\n", first
+    if os.geteuid() == 0:  # root can read the non-dumpable zygote's memory from outside
+        for pid in zygotes(single):
+            assert scan_from_host(pid, planted) == set(), f"the zygote {pid} holds the previous job's data"
+    second = single.run(finder_code(planted), timeout=30, memory_mb=1024)
+    assert second.ok, second
+    assert json.loads(second.stdout) == {}, f"the next job found the previous job's data: {second.stdout}"
+
+
+def test_stdin_is_not_cut_at_the_pipe_size(single):
+    result = single.run("import sys\nprint(len(sys.stdin.read()))", stdin="x" * 300_000)
+    assert result.stdout == "300000\n"
+
+
+def run_with_deadline(function, seconds: float):
+    """``function()`` in a daemon thread; the result, or AssertionError if it has not returned in time."""
+    box = []
+    thread = threading.Thread(target=lambda: box.append(function()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert box, f"no answer within {seconds} s: user code hung the host"
+    return box[0]
+
+
+ALL_FDS = "import os\nfor fd in range(3, 256):\n    try:\n        os.write(fd, {payload})\n    except OSError:\n        pass\n"
+
+
+@pytest.mark.parametrize("payload, rest", [
+    ("b'{\"stdout\": \"forged\"'", ""),  # an unterminated line on every descriptor
+    ("b'{\"stdout\": \"forged\", \"return_code\": 0}\\n'", ""),  # a forged complete reply
+    ("b'A' * 65536", "while True:\n    for fd in range(3, 256):\n        try:\n            os.write(fd, b'A' * 65536)\n"
+                     "        except OSError:\n            pass\n"),  # a flood
+])
+def test_session_code_cannot_hang_or_flood_the_host(single, payload, rest):
+    session = single.session()
+    try:
+        assert session.run("kept = 41").ok
+        started = time.monotonic()
+        result = run_with_deadline(lambda: session.run(ALL_FDS.format(payload=payload) + rest, timeout=3), 20)
+        assert time.monotonic() - started < 20
+        assert "forged" not in result.stdout
+        after = run_with_deadline(lambda: session.run("print(globals().get('kept', 'restarted'))"), 30)
+        assert after.stdout.endswith(("41\n", "restarted\n")), after
+        rss = psutil.Process().memory_info().rss
+        assert rss < 4 << 30  # the host did not buffer an endless line
+    finally:
+        run_with_deadline(session.close, 20)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading a sandbox process's descriptors needs root")
+def test_session_user_code_does_not_hold_the_host_protocol(single):
+    session = single.session()
+    try:
+        assert session.run("x = 1").ok
+        process = session.worker.process
+        protocol = {f"pipe:[{os.fstat(stream.fileno()).st_ino}]" for stream in (process.stdin, process.stdout)}
+        pid = session_pid(session)
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert not protocol & held, f"the process running user code holds the host protocol: {held}"
+    finally:
+        session.close()
+
+
+def session_pid(session) -> int:
+    """The host pid of the process that runs a session's user code: the deepest worker.py."""
+    tree = [p for p in psutil.Process(session.worker.process.pid).children(recursive=True)
+            if "worker.py" in " ".join(p.cmdline())]
+    return max(tree, key=lambda p: len(p.parents())).pid
+
+
+DENIED = {  # name: (x86_64 number, arguments): each reaches the kernel on an unfiltered system
+    "io_uring_setup": (425, (1, "buf")), "io_uring_enter": (426, (0, 0, 0, 0, 0, 0)),
+    "io_uring_register": (427, (0, 0, 0, 0)), "bpf": (321, (0, "buf", 48)), "userfaultfd": (323, (1,)),
+    "perf_event_open": (298, ("buf", 0, -1, -1, 0)), "keyctl": (250, (0, 0, 0, 0, 0)),
+    "add_key": (248, (b"user", b"k", b"v", 1, -4)), "request_key": (249, (b"user", b"k", 0, 0)),
+    "mount": (165, (b"none", b"/tmp", b"tmpfs", 0, 0)), "umount2": (166, (b"/tmp", 0)),
+    "pivot_root": (155, (b"/tmp", b"/tmp")), "unshare": (272, (0x20000,)), "setns": (308, (0, 0)),
+    "open_tree": (428, (-100, b"/tmp", 0)), "move_mount": (429, (-1, b"", -100, b"/tmp", 0)),
+    "fsopen": (430, (b"tmpfs", 0)), "fsconfig": (431, (-1, 0, 0, 0, 0)), "fsmount": (432, (-1, 0, 0)),
+    "fspick": (433, (-100, b"/tmp", 0)), "mount_setattr": (442, (-100, b"/tmp", 0, 0, 0)),
+    "modify_ldt": (154, (0, "buf", 16)), "clone_newns": (56, (0x20000 | 17, 0, 0, 0, 0)),
+    "clone_newnet": (56, (0x40000000 | 17, 0, 0, 0, 0)), "clone_newuser": (56, (0x10000000 | 17, 0, 0, 0, 0)),
+    "open_by_handle_at": (304, (-1, "buf", 0)), "name_to_handle_at": (303, (-100, b"/tmp", "buf", "buf", 0)),
+}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="syscall numbers are x86_64's")
+def test_seccomp_denies_the_kernel_attack_surface(single):
+    calls = {name: (number, [a if a != "buf" else None for a in args]) for name, (number, args) in DENIED.items()}
+    code = textwrap.dedent(f"""
+        import ctypes, errno, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        buf = ctypes.create_string_buffer(4096)
+        for name, (number, args) in {calls!r}.items():
+            ctypes.set_errno(0)
+            value = libc.syscall(number, *[buf if a is None else a for a in args])
+            if value == 0 and name.startswith("clone"):
+                os._exit(0)  # the child of a clone that went through
+            print(name, value, errno.errorcode.get(ctypes.get_errno()))
+        ctypes.set_errno(0)
+        print("clone3", libc.syscall(435, 0, 0), errno.errorcode.get(ctypes.get_errno()))
+        pid = os.fork()  # plain fork and threads still work
+        if pid == 0:
+            os._exit(7)
+        import threading
+        box = []
+        thread = threading.Thread(target=lambda: box.append(1))
+        thread.start()
+        thread.join()
+        print("fork", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "thread", box)
+    """)
+    result = single.run(code)
+    assert result.ok, result
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    for name in DENIED:
+        assert lines[name] == "-1 EPERM", f"{name}: {lines[name]}"
+    assert lines["clone3"] == "-1 ENOSYS"  # glibc then falls back to clone, whose flags are checked
+    assert lines["fork"] == "7 thread [1]"
+
+
+def test_a_messy_job_pays_for_its_own_cleanup(single):
+    mess = textwrap.dedent("""
+        import os, time
+        for i in range(30000):
+            open(f'f{i}', 'w').close()
+        os.mkdir('deep')
+        os.chdir('deep')
+        for _ in range(3000):
+            os.mkdir('d')
+            os.chdir('d')
+        os.chmod('.', 0)
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(300)
+            os._exit(0)
+        print('messy')
+    """)
+    started = time.monotonic()
+    first = single.run(mess, timeout=30)
+    assert first.ok and first.stdout == "messy\n", first
+    assert time.monotonic() - started < 60
+    started = time.monotonic()
+    second = single.run("import os\nprint(os.listdir('.'), os.listdir('/tmp'), len([p for p in os.listdir('/proc') if p.isdigit()]))")
+    latency = time.monotonic() - started
+    assert second.ok, second
+    assert second.stdout.startswith("[] ['work'] "), second.stdout
+    assert int(second.stdout.split()[-1]) <= 3, "a process of the previous job survived"
+    assert latency < 1.5, f"the next job waited {latency:.2f} s for the previous job's cleanup"
+    assert len(sandbox_tree(single)) == 1  # only the zygote is left between jobs
+
+
+def test_session_uids_come_from_a_free_list(single):
+    sessions = [single.session() for _ in range(3)]
+    try:
+        for session in sessions:
+            assert session.run("pass").ok
+        uids = [psutil.Process(s.worker.process.pid).uids().real for s in sessions]
+        pool_uids = {psutil.Process(w.process.pid).uids().real for w in list(single._idle.queue)}
+        assert len(set(uids)) == 3 and not set(uids) & pool_uids
+        sessions[1].close()
+        again = single.session()
+        sessions.append(again)
+        assert again.run("pass").ok
+        assert psutil.Process(again.worker.process.pid).uids().real == uids[1]  # the freed uid is reused
+        live = [psutil.Process(s.worker.process.pid).uids().real for s in sessions if s.worker is not None]
+        assert len(live) == len(set(live))
+    finally:
+        for session in sessions:
+            session.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
+def test_a_clear_warning_when_uids_cannot_be_separated():
+    code = ("import warnings\nwarnings.simplefilter('always')\nfrom agentrl.sandbox.base import get_backend\n"
+            "b = get_backend('bwrap', pool_size=1)\nprint(b.run('print(1)').stdout, end='')\nb.close()")
+    result = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", code],
+                            capture_output=True, text=True, timeout=60, cwd="/", env={**os.environ, "HOME": "/tmp"})
+    assert result.stdout == "1\n", result.stderr
+    assert re.search(r"not root.*share.*uid", result.stderr, re.S), result.stderr
