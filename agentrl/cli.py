@@ -248,11 +248,22 @@ def serve_tools_command(
     port: Annotated[int, typer.Option(help="port")] = 8010,
     token: Annotated[str | None, typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
     idle_ttl: Annotated[float, typer.Option(help="seconds before an idle trajectory's tools are released")] = 600.0,
+    database_root: Annotated[list[str] | None, typer.Option(
+        help="directory the sql tool may open databases under (repeatable; default: the demo databases)")] = None,
+    max_sessions: Annotated[int, typer.Option(help="live trajectory sessions at most; more get HTTP 429")] = 4096,
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without a token")] = False,
 ) -> None:
     """Serve tool calls over HTTP, sticky per trajectory."""
-    from agentrl.server import serve_tools
+    from agentrl.models import cache_root
+    from agentrl.server import InsecureBind, serve_tools
 
-    serve_tools([t.strip() for t in tools.split(",") if t.strip()], host=host, port=port, token=token or None, idle_ttl_s=idle_ttl)
+    roots = database_root or [str(cache_root() / "text2sql-demo" / "database")]
+    try:
+        serve_tools([t.strip() for t in tools.split(",") if t.strip()], host=host, port=port, token=token or None,
+                    idle_ttl_s=idle_ttl, options={"sql": {"database_roots": roots}}, insecure=insecure,
+                    max_sessions=max_sessions)
+    except InsecureBind as error:
+        fail("error", error)
 
 
 @index_app.command("build")
@@ -287,11 +298,18 @@ def serve_retriever_command(
     max_topk: Annotated[int, typer.Option(help="largest topk a request may ask for")] = 100,
     batching: Annotated[bool, typer.Option(help="micro-batch concurrent requests")] = True,
     workers: Annotated[int, typer.Option(help="server processes sharing the port and the memory-mapped index")] = 1,
+    token: Annotated[str | None, typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without a token")] = False,
 ) -> None:
     """Serve an index over HTTP with the Search-R1 /retrieve protocol."""
     from agentrl.retrieval.server import serve_retriever
+    from agentrl.server import InsecureBind
 
-    serve_retriever(index, host=host, port=port, max_topk=max_topk, batching=batching, workers=workers)
+    try:
+        serve_retriever(index, host=host, port=port, max_topk=max_topk, batching=batching, workers=workers,
+                        token=token or None, insecure=insecure)
+    except InsecureBind as error:
+        fail("error", error)
 
 
 @serve_app.command("sandbox")
@@ -302,13 +320,18 @@ def serve_sandbox_command(
     workers: Annotated[int, typer.Option(help="executions at once (warm sandboxes)")] = 2,
     queue: Annotated[int, typer.Option(help="requests that may wait; more get HTTP 429")] = 32,
     token: Annotated[str | None, typer.Option(envvar="AGENTRL_SERVER_TOKEN", help="bearer token")] = None,
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without a token")] = False,
 ) -> None:
     """Serve code execution with SandboxFusion's /run_code API."""
     from agentrl.sandbox.base import SandboxUnavailable
     from agentrl.sandbox.server import serve_sandbox
+    from agentrl.server import InsecureBind
 
     try:
-        serve_sandbox(backend, host=host, port=port, workers=workers, queue=queue, token=token or None)
+        serve_sandbox(backend, host=host, port=port, workers=workers, queue=queue, token=token or None,
+                      insecure=insecure)
+    except InsecureBind as error:
+        fail("error", error)
     except SandboxUnavailable as error:
         error_console.print(f"[bold red]sandbox unavailable:[/] {error}")
         raise typer.Exit(2) from None

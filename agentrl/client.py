@@ -1,8 +1,12 @@
-"""Client of the tool server: pooled async HTTP with retries, so a restarted server loses no call.
+"""Client of the tool server: pooled async HTTP with retries, so a restarting server loses no call.
 
 Transient failures (connection refused or reset, 5xx, 429) are retried with jittered exponential
 backoff; when the retries run out the call raises :class:`~agentrl.tool.InfraError` and the
-trajectory is marked ``infra_error`` instead of being scored as a model failure.
+trajectory is marked ``infra_error`` instead of being scored as a model failure. Every attempt of
+one call carries the same ``Idempotency-Key``, and the server answers a repeated key with the first
+attempt's result, so a call whose answer was lost (a read timeout) never runs twice. A trajectory
+whose sticky session the server no longer has (it restarted, or evicted it) is an infrastructure
+failure too: its tool state is gone, and the model must not be blamed for what follows.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import uuid
 from typing import Any
 
 import httpx
@@ -40,30 +45,45 @@ def encode_image(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_images(encoded: list[str], max_pixels: int = 16_000_000) -> list[Any]:
-    """Decode base64 images eagerly, so a malformed one fails here and not inside a tool. The size
-    is read from the header and checked before any pixel is decoded (decompression bombs)."""
+def open_images(encoded: list[str], max_pixels: int = 16_000_000) -> list[Any]:
+    """Open base64 images without decoding any pixel: the format must be one of the image tool's
+    (``IMAGE_FORMATS``) and the size, read from the header, at most ``max_pixels``."""
     from PIL import Image
+
+    from agentrl.tools.image import IMAGE_FORMATS
 
     images = []
     for item in encoded:
-        image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
+        image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)), formats=IMAGE_FORMATS)
         if image.width * image.height > max_pixels:
             raise ValueError(f"an image is {image.width}x{image.height}, over the {max_pixels:,}-pixel limit")
-        image.load()
         images.append(image)
     return images
 
 
+def decode_images(encoded: list[str], max_pixels: int = 16_000_000) -> list[Any]:
+    """Decode base64 images eagerly, so a malformed one fails here and not inside a tool. The size
+    is read from the header and checked before any pixel is decoded (decompression bombs)."""
+    images = open_images(encoded, max_pixels)
+    for image in images:
+        image.load()
+    return images
+
+
 class ToolServerClient:
+    """``read_timeout_s``: how long one attempt waits for an answer (default: the tool's timeout
+    plus 10 s)."""
+
     def __init__(self, url: str, token: str | None = None, attempts: int | None = None, max_wait_s: float = 30.0,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, read_timeout_s: float | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.attempts = attempts
         self.max_wait_s = max_wait_s
         self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
         self._clients: dict[int, httpx.AsyncClient] = {}
+        self._started: set[str] = set()  # trajectories whose session the server has acknowledged
 
     def _client(self) -> httpx.AsyncClient:
         key = id(asyncio.get_running_loop())
@@ -73,9 +93,12 @@ class ToolServerClient:
             self._clients[key] = httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits, timeout=None)
         return self._clients[key]
 
-    async def _post(self, path: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _post(self, path: str, payload: dict[str, Any], timeout: float,
+                    idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+
         async def once() -> dict[str, Any]:
-            response = await self._client().post(path, json=payload, timeout=timeout)
+            response = await self._client().post(path, json=payload, timeout=timeout, headers=headers)
             if response.status_code >= 500 or response.status_code == 429:
                 raise _Transient(f"{response.status_code} from {self.url}{path}")
             if response.status_code >= 400:
@@ -101,14 +124,20 @@ class ToolServerClient:
                    metadata: dict[str, Any] | None = None, images: list[str] | None = None) -> Observation:
         """One call. ``metadata`` (JSON-safe) and ``images`` (base64 PNG) travel with every call, so
         a server that evicted the trajectory or restarted rebuilds the same tool context."""
-        request = {"trajectory_id": trajectory_id, "tool": tool, "arguments": arguments}
+        request = {"trajectory_id": trajectory_id, "tool": tool, "arguments": arguments,
+                   "resume": trajectory_id in self._started}
         if metadata:
             request["metadata"] = metadata
         if images:
             request["images"] = images
         payload = {"requests": [request]}
-        result = (await self._post("/call", payload, timeout + 10.0))["results"][0]
+        read_timeout = self.read_timeout_s if self.read_timeout_s is not None else timeout + 10.0
+        result = (await self._post("/call", payload, read_timeout, uuid.uuid4().hex))["results"][0]
         status, error = result["status"], result.get("error")
+        if status == "session_restarted":
+            self._started.discard(trajectory_id)
+            raise InfraError(error or "the tool server lost this trajectory's session")
+        self._started.add(trajectory_id)
         if status == "infra_error":
             raise InfraError(error or "tool infrastructure failed on the server")
         if status == "timeout":
@@ -118,6 +147,7 @@ class ToolServerClient:
         return Observation(result.get("text", ""), decode_images(result.get("images", [])))
 
     async def release(self, trajectory_id: str) -> None:
+        self._started.discard(trajectory_id)
         await self._post("/release", {"trajectory_id": trajectory_id}, 10.0)
 
     async def close(self) -> None:

@@ -3,19 +3,28 @@
 ``POST /call`` takes a batch ``{"requests": [{"trajectory_id", "tool", "arguments"}, ...]}`` and
 answers ``{"results": [{"status", "text", "images", "latency_s", "error"}, ...]}`` in request order.
 Tool instances are sticky per trajectory (a Python session survives between turns), evicted after
-an idle TTL or on ``POST /release``. ``/health`` and ``/metrics`` (Prometheus text) are open; every
-other route needs the bearer token when one is set. Binds 127.0.0.1 unless told otherwise.
+an idle TTL or on ``POST /release``. A request with ``resume: true`` continues a session the
+client already used; when the server has no such session (it restarted or evicted it) the answer
+is ``session_restarted`` instead of a silently fresh one. A repeated ``Idempotency-Key`` gets the
+first answer again instead of running the calls twice. ``/health`` and ``/metrics`` (Prometheus
+text) are open; every other route needs the bearer token when one is set, checked before the body
+is read. Bodies, batch sizes, live sessions and decoded image pixels are bounded. Binds 127.0.0.1
+unless told otherwise, and refuses a non-loopback address without a token (:func:`check_bind`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
+import ipaddress
+import json
 import secrets
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,32 +36,112 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
-from agentrl.client import decode_images, encode_image
+from agentrl.client import encode_image, open_images
 from agentrl.executor import ToolExecutor, ToolSession
 from agentrl.parsing import ToolCall
 from agentrl.tool import ToolContext
 
+MAX_BATCH = 256
+
 
 class CallRequest(BaseModel):
     trajectory_id: str = Field(min_length=1, max_length=256)
-    tool: str
+    tool: str = Field(max_length=256)
     arguments: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
-    images: list[str] = []  # base64 PNG: the task's images, used when the trajectory's session starts
+    images: list[str] = Field([], max_length=64)  # base64 images: the task's, used when the session starts
+    resume: bool = False  # the client used this trajectory's session before: never start it afresh
 
 
 class BatchRequest(BaseModel):
-    requests: list[CallRequest] = Field(min_length=1, max_length=4096)
+    requests: list[CallRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class ReleaseRequest(BaseModel):
-    trajectory_id: str
+    trajectory_id: str = Field(max_length=256)
+
+
+class CallResult(BaseModel):
+    status: str
+    text: str
+    images: list[str]
+    latency_s: float
+    error: str | None
+
+
+class BatchResponse(BaseModel):
+    results: list[CallResult]
+
+
+class ReleaseResponse(BaseModel):
+    released: bool
+
+
+class HealthResponse(BaseModel):
+    status: str
+    tools: list[str]
+    sessions: int
+
+
+class ToolsResponse(BaseModel):
+    tools: list[dict[str, Any]]
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class InsecureBind(ValueError):
+    """A server was asked to listen beyond loopback with no token."""
+
+
+def check_bind(host: str, token: str | None, insecure: bool = False, service: str = "server") -> None:
+    """Refuse to serve on a non-loopback address without a bearer token, unless told ``insecure``."""
+    if token or insecure or is_loopback(host):
+        return
+    raise InsecureBind(
+        f"refusing to serve the {service} on {host} without a bearer token: anyone who can reach that "
+        "address could use it. Set --token (or AGENTRL_SERVER_TOKEN), bind 127.0.0.1, or pass "
+        "--insecure if every client on that network is trusted"
+    )
+
+
+async def _send_json(send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse(body, status_code=status, headers=headers)
+    await response({"type": "http"}, None, send)
+
+
+class BearerAuth:
+    """Require ``Authorization: Bearer <token>`` on every route but the open ones, before the body
+    is read. The header is compared as bytes in constant time, so any malformed or non-ASCII value
+    is simply a 401."""
+
+    def __init__(self, app, token: str | None, open_paths: tuple[str, ...] = ("/health", "/metrics")) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.open_paths = open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.expected is None or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        supplied = dict(scope["headers"]).get(b"authorization", b"")
+        if not secrets.compare_digest(supplied, self.expected):
+            return await _send_json(send, 401, {"detail": "missing or wrong bearer token"},
+                                    {"WWW-Authenticate": "Bearer"})
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
     """Refuse request bodies over a size limit with 413, whether or not they declare a length.
 
-    A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which costs a task per request)."""
+    A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which costs a task per request).
+    When a streamed (chunked) body passes the limit, whatever the app would answer to the cut body
+    is dropped and the answer is 413."""
 
     def __init__(self, app, max_body_bytes: int) -> None:
         self.app = app
@@ -62,47 +151,72 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.max_body_bytes:
+        try:
+            too_long = declared is not None and int(declared) > self.max_body_bytes
+        except ValueError:
+            return await _send_json(send, 400, {"detail": "Content-Length is not a number"})
+        if too_long:
             return await self._refuse(send)
         received = 0
+        over = False
+        started = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
+                over = True
                 raise _TooLarge()
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
+        async def guarded_send(message):
+            nonlocal started
+            if over:
+                return  # the app's answer to a cut body; the 413 goes out instead
+            started = True
+            await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited_receive, guarded_send)
+        if over and not started:
             await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        response = JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"}, status_code=413)
-        await response({"type": "http"}, None, send)
+        await _send_json(send, 413, {"detail": f"request body over {self.max_body_bytes} bytes"})
 
 
 class _TooLarge(Exception):
     pass
 
 
-class _Sessions:
-    """Sticky per-trajectory tool sessions with idle-TTL eviction."""
+class SessionsFull(Exception):
+    pass
 
-    def __init__(self, executor: ToolExecutor, idle_ttl_s: float) -> None:
+
+class _Sessions:
+    """Sticky per-trajectory tool sessions with idle-TTL eviction and a cap on how many live."""
+
+    def __init__(self, executor: ToolExecutor, idle_ttl_s: float, max_sessions: int) -> None:
         self.executor = executor
         self.idle_ttl_s = idle_ttl_s
+        self.max_sessions = max_sessions
         self.sessions: dict[str, tuple[ToolSession, float]] = {}
 
-    def get(self, trajectory_id: str, metadata: dict[str, Any], images: list[str]) -> ToolSession:
+    def get(self, trajectory_id: str) -> ToolSession | None:
         entry = self.sessions.get(trajectory_id)
-        if entry:
-            session = entry[0]
-        else:
-            context = ToolContext(trajectory_id, metadata, decode_images(images))
-            session = self.executor.session(trajectory_id, context)
+        if entry is None:
+            return None
+        self.sessions[trajectory_id] = (entry[0], time.monotonic())
+        return entry[0]
+
+    def start(self, trajectory_id: str, metadata: dict[str, Any], images: list[Any]) -> ToolSession:
+        session = self.get(trajectory_id)
+        if session is not None:  # another call of the batch started it meanwhile
+            return session
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionsFull()
+        session = self.executor.session(trajectory_id, ToolContext(trajectory_id, metadata, images))
         self.sessions[trajectory_id] = (session, time.monotonic())
         return session
 
@@ -124,15 +238,51 @@ class _Sessions:
             await self.release(trajectory_id)
 
 
+class _Replies:
+    """Answers by idempotency key: a repeated key (a retry) awaits or reuses the first attempt's
+    work instead of running the calls again. Bounded by count and age."""
+
+    def __init__(self, max_entries: int = 4096, ttl_s: float = 900.0) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self.entries: collections.OrderedDict[str, tuple[str, float, asyncio.Future]] = collections.OrderedDict()
+
+    async def run(self, key: str | None, digest: str, work) -> Any:
+        if key is None:
+            return await work()
+        now = time.monotonic()
+        while self.entries and (len(self.entries) >= self.max_entries
+                                or now - next(iter(self.entries.values()))[1] > self.ttl_s):
+            self.entries.popitem(last=False)
+        if key in self.entries:
+            known, _, task = self.entries[key]
+            if known != digest:
+                raise HTTPException(422, "this Idempotency-Key was used for a different request")
+        else:
+            task = asyncio.ensure_future(work())  # survives a client that disconnects mid-call
+            self.entries[key] = (digest, now, task)
+        try:
+            return await asyncio.shield(task)
+        except Exception:  # a failure (429, 422) is not remembered: the retry runs afresh
+            if key in self.entries and self.entries[key][2] is task:
+                del self.entries[key]
+            raise
+
+
 def create_app(
     tool_names: list[str],
     options: dict[str, dict[str, Any]] | None = None,
     token: str | None = None,
     idle_ttl_s: float = 600.0,
     max_body_bytes: int = 4 * 1024 * 1024,
+    max_sessions: int = 4096,
+    max_request_pixels: int = 64_000_000,
 ) -> FastAPI:
+    """``max_request_pixels``: the decoded pixels all images of one request may hold together
+    (each image is also capped at 16 MP); more is a 413."""
     executor = ToolExecutor(list(tool_names), options or {})
-    sessions = _Sessions(executor, idle_ttl_s)
+    sessions = _Sessions(executor, idle_ttl_s, max_sessions)
+    replies = _Replies()
     registry = CollectorRegistry()
     calls = Counter("agentrl_tool_calls", "Tool calls by tool and status", ["tool", "status"], registry=registry)
     latency = Histogram("agentrl_tool_latency_seconds", "Tool call latency", ["tool"], registry=registry)
@@ -155,15 +305,9 @@ def create_app(
     app.state.sessions = sessions
 
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
+    app.add_middleware(BearerAuth, token=token)  # outermost: no body is read before the token is checked
 
-    def authorise(request: Request) -> None:
-        if token is None:
-            return
-        supplied = request.headers.get("authorization", "")
-        if not secrets.compare_digest(supplied, f"Bearer {token}"):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
         return {"status": "ok", "tools": list(executor.tool_classes), "sessions": len(sessions.sessions)}
 
@@ -171,32 +315,73 @@ def create_app(
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/tools", dependencies=[Depends(authorise)])
+    @app.get("/tools", response_model=ToolsResponse)
     async def tools() -> dict[str, Any]:
         return {"tools": executor.schemas}
 
-    @app.post("/call", dependencies=[Depends(authorise)])
-    async def call(batch: BatchRequest) -> dict[str, Any]:
-        async def one(index: int, item: CallRequest) -> dict[str, Any]:
+    def open_batch_images(batch: BatchRequest) -> dict[int, list[Any]]:
+        """The images of the requests that start a session, opened (headers only) and checked
+        against the per-request pixel budget before any is decoded."""
+        opened: dict[int, list[Any]] = {}
+        total = 0
+        for index, item in enumerate(batch.requests):
+            if not item.images or item.trajectory_id in sessions.sessions:
+                continue
             try:
-                session = sessions.get(item.trajectory_id, item.metadata, item.images)
+                opened[index] = open_images(item.images)
             except Exception as error:  # undecodable images: the request is bad, not the server
-                raise HTTPException(422, f"request {index}: images are not base64 PNG/JPEG: {error}") from None
-            (result,) = await session.run([ToolCall(item.tool, item.arguments, index=index)])
-            calls.labels(item.tool, result.status).inc()
-            latency.labels(item.tool).observe(result.latency_s)
-            return {
-                "status": result.status,
-                "text": result.observation.text,
-                "images": [encode_image(image) for image in result.observation.images],
-                "latency_s": result.latency_s,
-                "error": result.error,
-            }
+                raise HTTPException(422, f"request {index}: images must be base64 PNG, JPEG, WEBP, GIF or "
+                                         f"BMP of at most 16 MP: {error}") from None
+            total += sum(image.width * image.height for image in opened[index])
+            if total > max_request_pixels:
+                raise HTTPException(413, f"the request's images hold more than {max_request_pixels:,} pixels; "
+                                         "send fewer or smaller images per request")
+        for images in opened.values():
+            for image in images:
+                image.load()
+        return opened
 
-        results = await asyncio.gather(*(one(i, item) for i, item in enumerate(batch.requests)))
+    async def run_batch(batch: BatchRequest) -> dict[str, Any]:
+        try:
+            images = await asyncio.to_thread(open_batch_images, batch)
+        except OSError as error:
+            raise HTTPException(422, f"an image cannot be decoded: {error}") from None
+
+        async def one(index: int, item: CallRequest) -> dict[str, Any]:
+            label = item.tool if item.tool in executor.tool_classes else "unknown"
+            session = sessions.get(item.trajectory_id)
+            if session is None and item.resume:
+                calls.labels(label, "session_restarted").inc()
+                return {"status": "session_restarted", "text": "", "images": [], "latency_s": 0.0,
+                        "error": f"the tool server has no session for trajectory {item.trajectory_id!r} "
+                                 "(it restarted or evicted the session); its tool state is lost"}
+            if session is None:
+                session = sessions.start(item.trajectory_id, item.metadata, images.get(index, []))
+            (result,) = await session.run([ToolCall(item.tool, item.arguments, index=index)])
+            calls.labels(label, result.status).inc()
+            latency.labels(label).observe(result.latency_s)
+            encoded = await asyncio.to_thread(lambda: [encode_image(image) for image in result.observation.images])
+            return {"status": result.status, "text": result.observation.text, "images": encoded,
+                    "latency_s": result.latency_s, "error": result.error}
+
+        new = {item.trajectory_id for item in batch.requests if item.trajectory_id not in sessions.sessions}
+        if len(sessions.sessions) + len(new) > max_sessions:
+            raise HTTPException(429, f"the tool server holds {len(sessions.sessions)} live sessions (at most "
+                                     f"{max_sessions}); retry later", headers={"Retry-After": "1"})
+        try:
+            results = await asyncio.gather(*(one(i, item) for i, item in enumerate(batch.requests)))
+        except SessionsFull:
+            raise HTTPException(429, f"the tool server holds {max_sessions} live sessions; retry later",
+                                headers={"Retry-After": "1"}) from None
         return {"results": list(results)}
 
-    @app.post("/release", dependencies=[Depends(authorise)])
+    @app.post("/call", response_model=BatchResponse)
+    async def call(batch: BatchRequest,
+                   idempotency_key: str | None = Header(None, max_length=128)) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps(batch.model_dump(), sort_keys=True, default=str).encode()).hexdigest()
+        return await replies.run(idempotency_key, digest, lambda: run_batch(batch))
+
+    @app.post("/release", response_model=ReleaseResponse)
     async def release(request: ReleaseRequest) -> dict[str, Any]:
         return {"released": await sessions.release(request.trajectory_id)}
 
@@ -204,8 +389,10 @@ def create_app(
 
 
 def serve_tools(tool_names: list[str], host: str = "127.0.0.1", port: int = 8010, token: str | None = None,
-                idle_ttl_s: float = 600.0, options: dict[str, dict[str, Any]] | None = None) -> None:
+                idle_ttl_s: float = 600.0, options: dict[str, dict[str, Any]] | None = None,
+                insecure: bool = False, max_sessions: int = 4096) -> None:
     import uvicorn
 
-    app = create_app(tool_names, options, token=token, idle_ttl_s=idle_ttl_s)
+    check_bind(host, token, insecure, "tool server")
+    app = create_app(tool_names, options, token=token, idle_ttl_s=idle_ttl_s, max_sessions=max_sessions)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -16,12 +16,11 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import secrets
 import time
 from typing import Any
 
 from agentrl.sandbox.base import Backend
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,7 +32,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
-from agentrl.server import BodyLimit
+from agentrl.server import BearerAuth, BodyLimit, check_bind
 
 DEFAULT_MEMORY_MB = 1024
 
@@ -91,12 +90,7 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str |
 
     app = FastAPI(title="agentrl sandbox", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
-
-    def authorise(request: Request) -> None:
-        if token is None:
-            return
-        if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    app.add_middleware(BearerAuth, token=token)  # outermost: the token is checked before any body is read
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -106,7 +100,7 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str |
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/run_code", dependencies=[Depends(authorise)])
+    @app.post("/run_code")
     async def run_code(request: RunCodeRequest):
         if request.language not in ("python", "python3"):
             return run_code_response(None, f"language {request.language!r} is not supported; use python")
@@ -142,9 +136,11 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str |
 
 
 def serve_sandbox(backend_name: str = "bwrap", host: str = "127.0.0.1", port: int = 8080, workers: int = 2,
-                  queue: int = 32, token: str | None = None) -> None:
+                  queue: int = 32, token: str | None = None, insecure: bool = False) -> None:
     import uvicorn
     from agentrl.sandbox.base import get_backend
+
+    check_bind(host, token, insecure, "sandbox server")  # before any sandbox starts
 
     options = {} if backend_name == "docker" else {"pool_size": workers}
     backend = get_backend(backend_name, **options)

@@ -1,5 +1,5 @@
 """The tool server over 127.0.0.1: batch calls, sticky sessions, auth, limits, and a client that
-survives a killed and restarted server."""
+survives a killed and restarted server (a trajectory whose session died with it is an infra error)."""
 
 import asyncio
 import signal
@@ -26,9 +26,10 @@ def start_server(port: int, *extra: str) -> subprocess.Popen:
 
 
 @pytest.fixture()
-def server():
+def server(tmp_path):
     port = free_port()
-    process = start_server(port, "--token", "s3cret", "--idle-ttl", "1")
+    (tmp_path / "databases").mkdir()
+    process = start_server(port, "--token", "s3cret", "--idle-ttl", "1", "--database-root", str(tmp_path / "databases"))
     yield f"http://127.0.0.1:{port}", port
     process.kill()
     process.wait()
@@ -62,23 +63,29 @@ def test_task_metadata_and_images_reach_the_served_tools(server, tmp_path):
     from agentrl.tool import ToolContext
 
     url, _ = server
-    db_path = tmp_path / "tiny.sqlite"
-    connection = sqlite3.connect(db_path)
-    connection.executescript("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7), (8);")
-    connection.commit()
-    connection.close()
+    db_path = tmp_path / "databases" / "tiny.sqlite"
+    outside = tmp_path / "outside.sqlite"
+    for path in (db_path, outside):
+        connection = sqlite3.connect(path)
+        connection.executescript("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7), (8);")
+        connection.commit()
+        connection.close()
     images = [Image.new("RGB", (12, 5), "red"), Image.new("L", (3, 4))]
 
     async def main():
         executor = ToolExecutor(TOOLS.split(","), server_url=url, token="s3cret")
         async with executor.session("m", ToolContext("m", {"db_path": db_path}, images)) as session:
             results = await session.run([ToolCall("context_echo", {}), ToolCall("sql", {"query": "SELECT sum(x) FROM t"})])
+        async with executor.session("o", ToolContext("o", {"db_path": outside})) as session:
+            (refused,) = await session.run([ToolCall("sql", {"query": "SELECT sum(x) FROM t"})])
         await executor.close()
-        return results
+        return results + [refused]
 
-    echo, sql = asyncio.run(main())
+    echo, sql, refused = asyncio.run(main())
     assert echo.observation.text == f"db_path={db_path} images=['12x5', '3x4']"
     assert sql.status == "ok" and "15" in sql.observation.text
+    # the server opens only databases under its --database-root, whatever path a client names
+    assert refused.status == "error" and "outside the allowed database roots" in refused.error
     bad = {"requests": [{"trajectory_id": "bad", "tool": "context_echo", "images": ["not an image"]}]}
     response = httpx.post(f"{url}/call", json=bad, headers={"Authorization": "Bearer s3cret"})
     assert response.status_code == 422 and "images" in response.text
@@ -151,19 +158,24 @@ def test_client_survives_a_killed_and_restarted_server():
             return await asyncio.to_thread(start_server, port)
 
         restarter = asyncio.create_task(restart_later())
-        during = await asyncio.gather(*(session.run([ToolCall("pid", {})]) for _ in range(5)))
+        fresh = [executor.session(f"new-{i}") for i in range(5)]
+        during = await asyncio.gather(*(s.run([ToolCall("pid", {})]) for s in fresh))
         process = await restarter
+        lost = await session.run([ToolCall("pid", {})])
         await executor.close()
-        return before[0], [r[0] for r in during]
+        return before[0], [r[0] for r in during], lost[0]
 
     try:
-        before, during = asyncio.run(main())
+        before, during, lost = asyncio.run(main())
     finally:
         process.kill()
         process.wait()
     assert before.status == "ok"
+    # calls made while the server was down wait for it and are answered by the new process
     assert all(r.status == "ok" for r in during), [(r.status, r.error) for r in during]
-    assert {r.observation.text for r in during} != {before.observation.text}  # answered by the new process
+    assert {r.observation.text for r in during} != {before.observation.text}
+    # the trajectory whose session died with the old process is an infrastructure failure, not a fresh start
+    assert lost.status == "infra_error" and "restarted" in lost.error
 
 
 def test_unreachable_server_is_an_infra_error():

@@ -15,6 +15,9 @@ from agentrl.tool import Observation, Tool, ToolError
 
 MAX_PIXELS = 16_000_000  # refuse to create or accept anything larger (decompression bombs)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Only these decoders ever see outside bytes: others are rarely needed and some run external
+# programs (EPS calls Ghostscript) or are large attack surfaces.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 def load_image(source: Any) -> Image.Image:
@@ -24,13 +27,13 @@ def load_image(source: Any) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source), formats=IMAGE_FORMATS)
             check_image(image)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ToolError(f"the image is too large to open safely: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ToolError(f"the image cannot be read: {error}") from None
+        raise ToolError(f"the image cannot be read (accepted formats: {', '.join(IMAGE_FORMATS)}): {error}") from None
     return image
 
 

@@ -9,6 +9,7 @@ pooled httpx and jittered retries; when they run out the call is an infrastructu
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -87,7 +88,7 @@ def _http_client():
 class SearchTool(Tool):
     """Search the knowledge corpus and read the most relevant passages."""
 
-    option_names = ("topk", "max_doc_chars", "server_url", "index", "cache_size", "attempts")
+    option_names = ("topk", "max_doc_chars", "server_url", "index", "cache_size", "attempts", "token")
 
     name = "search"
     timeout = 30.0
@@ -131,6 +132,9 @@ class SearchTool(Tool):
         )
 
         payload = {"queries": [query], "topk": self.topk, "return_scores": False}
+        # The retriever's bearer token: the option, else the environment (as compose passes it).
+        token = self.options.get("token") or os.environ.get("AGENTRL_SERVER_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((httpx.TransportError, httpx.HTTPStatusError)),
@@ -139,7 +143,7 @@ class SearchTool(Tool):
             ):
                 with attempt:
                     response = await _http_client().post(
-                        f"{self.server_url.rstrip('/')}/retrieve", json=payload, timeout=self.timeout
+                        f"{self.server_url.rstrip('/')}/retrieve", json=payload, timeout=self.timeout, headers=headers
                     )
                     if response.status_code == 422:
                         raise ToolError(f"the retriever rejected the query: {response.json().get('detail')}")
