@@ -1,18 +1,17 @@
 """The process that lives inside a sandbox. Standard library only; talks length-prefixed JSON frames
 (a 4-byte big-endian length, then the JSON) on stdin/stdout.
 
-``pool`` mode (a zygote): heavy modules are imported once. The zygote never reads a job: when a
-request is waiting it forks a supervisor, and that supervisor reads the request from the pipe,
-forks the user's process, collects its output, cleans up after it (kills every other process of
-the sandbox, removes IPC objects, empties ``/tmp`` and ``/dev/shm``, all within a time bound),
-writes the reply and exits. So no process that holds one job's data (code, stdin, output, files)
-is ever the parent of the next job: the next job starts from the zygote's memory, which has never
-seen any job. A cleanup that overruns or fails is reported, and the host replaces the worker.
+``pool`` mode. Three roles. The *supervisor* is the sandbox's init (pid 1): it holds the host
+protocol, reads each job, collects its output and cleans up after it. The *zygote* is forked by
+the supervisor before any job, imports the heavy modules once and, for every job, only forks: it
+never reads a job, so its memory never holds one. The *job* process, forked from the zygote,
+reads its own job from a pipe, becomes it (fresh descriptors 0-2, rlimits) and runs the code. No
+process that ever held one job's code, stdin, output or files is the parent of the next job.
+After each job the supervisor kills every other process of the sandbox, removes IPC objects and
+empties ``/tmp`` and ``/dev/shm`` within a time bound, before replying, so the job that made the
+mess pays for it; one that overran or failed makes the host replace the sandbox.
 
-``session`` mode: one trajectory's persistent interpreter. The worker keeps the host protocol and
-forks an interpreter child without it; the child runs each call in a long-lived namespace and
-reports on a private channel that the worker reads with a deadline and a size cap, so user code
-can neither forge a reply to the host nor hang it.
+``session`` mode: see :mod:`worker_session`.
 """
 
 import base64
@@ -39,7 +38,6 @@ PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
 MARK = "\n[... output truncated: {} more bytes ...]\n"
 CLEANUP_S = 3.0  # the most a job's cleanup may take before the worker is replaced instead
 MAX_FETCH_BYTES = 16 << 20  # files returned by fetch_files, all together
-CONTROL_FRAME_BYTES = 4096  # a session interpreter's report: a few numbers
 LANGUAGES = {  # language -> (interpreter, file suffix) for what is not run in-process
     "bash": ("/bin/bash", ".sh"), "sh": ("/bin/sh", ".sh"), "nodejs": ("/usr/bin/node", ".js"),
     "perl": ("/usr/bin/perl", ".pl"),
@@ -144,48 +142,21 @@ def run_user_code(code):
         return 1
 
 
-def read_capped(fds, deadline, limit, pid):
-    """Read pipes until EOF or the deadline; keep ``limit`` bytes of each, count the rest.
-
-    Returns ``(kept, dropped, timed_out, status)``. Once the job's own process has exited, a
-    background child still holding the pipes open does not keep the job waiting: what is already
-    written is drained and the leftover is killed by the caller.
-    """
-    kept = {fd: bytearray() for fd in fds}
-    dropped = {fd: 0 for fd in fds}
-    open_fds = list(fds)
-    status = None
-    while open_fds:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return kept, dropped, True, status
-        if status is None:
-            finished, status_value = os.waitpid(pid, os.WNOHANG)
-            status = status_value if finished else None
-        ready, _, _ = select.select(open_fds, [], [], min(remaining, 0.05 if status is not None else 0.5))
-        if not ready and status is not None:
-            break  # the job exited and nothing more is coming right now
-        for fd in ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                open_fds.remove(fd)
-                continue
-            room = limit - len(kept[fd])
-            kept[fd] += chunk[:max(room, 0)]
-            dropped[fd] += max(len(chunk) - max(room, 0), 0)
-    return kept, dropped, False, status
-
-
 def text(data, dropped):
     out = data.decode("utf-8", "replace")
     return out + MARK.format(dropped) if dropped else out
 
 
+def inside_work(name):
+    target = os.path.normpath(os.path.join(WORK, name))
+    if not target.startswith(WORK + "/"):
+        raise ValueError(f"file name {name!r} leaves the work directory")
+    return target
+
+
 def write_files(files):
     for name, content in (files or {}).items():
-        target = os.path.normpath(os.path.join(WORK, name))
-        if not target.startswith(WORK + "/"):
-            raise ValueError(f"file name {name!r} leaves the work directory")
+        target = inside_work(name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as handle:
             handle.write(base64.b64decode(content))
@@ -196,16 +167,15 @@ def fetch_files(names, limit=MAX_FETCH_BYTES):
     in all, and for each one not returned the reason."""
     files, missing, total = {}, {}, 0
     for name in names:
-        target = os.path.normpath(os.path.join(WORK, name))
-        if not target.startswith(WORK + "/"):
-            missing[name] = "the name leaves the work directory"
-            continue
         try:
-            with open(target, "rb") as handle:
+            with open(inside_work(name), "rb") as handle:
                 if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                     missing[name] = "not a regular file"
                     continue
                 data = handle.read(limit - total + 1)
+        except ValueError:
+            missing[name] = "the name leaves the work directory"
+            continue
         except OSError as error:
             missing[name] = error.strerror or str(error)
             continue
@@ -217,97 +187,246 @@ def fetch_files(names, limit=MAX_FETCH_BYTES):
     return files, missing
 
 
-def job_child(job, stdin_fd, out_w, err_w, timeout):
-    """The user's process: fresh descriptors 0-2, nothing else open, rlimits, then the code."""
+# -- the zygote and the job ----------------------------------------------------------------------
+
+def job_process(job_r, out_w, err_w):
+    """Forked by the zygote: read this job (the zygote never does), then become it, with fresh
+    descriptors 0-2, nothing else open, and rlimits."""
+    code = 70
     try:
+        job = read_frame(job_r)
         os.setsid()
+        language = job.get("language", "python")
+        write_files(job.get("files"))
+        if language in LANGUAGES:
+            script = os.path.join(ROOT, "main" + LANGUAGES[language][1])
+            with open(script, "w") as handle:
+                handle.write(job["code"])
+        stdin_fd = os.memfd_create("stdin")  # any size, where a pipe holds 64 KiB
+        data = memoryview(job.get("stdin", "").encode())
+        while data:
+            data = data[os.write(stdin_fd, data):]
+        os.lseek(stdin_fd, 0, os.SEEK_SET)
         os.dup2(stdin_fd, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        os.closerange(3, 1 << 16)  # the protocol and every other descriptor of the supervisor
+        os.closerange(3, 1 << 16)  # the zygote's channels and every other descriptor
         os.chdir(WORK)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        set_limits(int(job.get("memory_mb", 512)), int(timeout) + 1, int(job.get("file_bytes", 32 << 20)),
-                   int(job.get("processes", 32)))
-        language = job.get("language", "python")
-        if language in ("python", "python3"):
-            code = run_user_code(job["code"])
-            sys.stdout.flush()
-            sys.stderr.flush()
-        else:
-            interpreter, suffix = LANGUAGES[language]
-            script = os.path.join(ROOT, "main" + suffix)
+        set_limits(int(job.get("memory_mb", 512)), int(float(job.get("timeout", 10))) + 1,
+                   int(job.get("file_bytes", 32 << 20)), int(job.get("processes", 32)))
+        if language in LANGUAGES:
+            interpreter = LANGUAGES[language][0]
             os.execv(interpreter, [os.path.basename(interpreter), script])
+        code = run_user_code(job["code"])
+        sys.stdout.flush()
+        sys.stderr.flush()
     except BaseException:
-        code = 70
+        pass
     os._exit(code)
 
 
-def supervise(job):
-    """Run one job in a child of this supervisor and collect what it did."""
-    started = time.monotonic()
-    timeout = float(job.get("timeout", 10))
-    limit = int(job.get("max_output_bytes", 65536))
-    language = job.get("language", "python")
-    if language not in ("python", "python3") and language not in LANGUAGES:
-        return {"sandbox_error": f"language {language!r} is not supported", "return_code": None}
-    try:
-        write_files(job.get("files"))
-        if language in LANGUAGES:
-            with open(os.path.join(ROOT, "main" + LANGUAGES[language][1]), "w") as handle:
-                handle.write(job["code"])
-    except (ValueError, OSError) as error:
-        return {"sandbox_error": str(error), "return_code": None}
-    stdin_fd = os.memfd_create("stdin")  # any size, where a pipe holds 64 KiB
-    data = memoryview(job.get("stdin", "").encode())
-    while data:
-        data = data[os.write(stdin_fd, data):]
-    os.lseek(stdin_fd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        job_child(job, stdin_fd, out_w, err_w, timeout)
-    for fd in (stdin_fd, out_w, err_w):
-        os.close(fd)
-    kept, dropped, timed_out, status = read_capped([out_r, err_r], started + timeout, limit, pid)
-    if timed_out:
+def zygote(go_r, status_w, job_r, out_w, err_w, preload):
+    """Import the heavy modules once, then for every go byte fork a job and report its pid and
+    exit status: all the zygote ever learns of a job."""
+    for module in preload:
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            __import__(module)  # warm imports: forked jobs get them for free
+        except ImportError:
             pass
-    os.close(out_r)
-    os.close(err_r)
-    if status is None:
+    os.write(status_w, struct.pack(">i", 0))  # ready
+    while os.read(go_r, 1):
+        pid = os.fork()
+        if pid == 0:
+            job_process(job_r, out_w, err_w)
+        os.write(status_w, struct.pack(">i", pid))
         _, status = os.waitpid(pid, 0)
-    if not OWN_NAMESPACES:  # the process backend shares the host's pid namespace: the job's group only
+        os.write(status_w, struct.pack(">i", status))
+    os._exit(0)
+
+
+class Supervisor:
+    """The sandbox's init in pool mode: it holds the host protocol, hands each job to a process
+    the zygote forks, collects its output and cleans up after it. It sees every job's data, but no
+    job is ever forked from it, and jobs can neither signal it (init) nor read it (non-dumpable)."""
+
+    def __init__(self, preload, protocol_fds):
+        go_r, self.go_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        job_r, self.job_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        self.zygote = os.fork()  # before any job: its memory never holds one
+        if self.zygote == 0:
+            for fd in (*protocol_fds, self.go_w, self.status_r, self.job_w, self.out_r, self.err_r):
+                os.close(fd)
+            zygote(go_r, status_w, job_r, out_w, err_w, preload)
+        for fd in (go_r, status_w, job_r, out_w, err_w):
+            os.close(fd)
+        for fd in (self.out_r, self.err_r, self.status_r, self.job_w):
+            os.set_blocking(fd, False)
+        if self._status(time.monotonic() + 60) != 0:
+            sys.exit("the zygote did not start")
+
+    def _status(self, deadline):
+        """The zygote's next word, or None if it died or is silent past the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.status_r], [], [], remaining)[0]:
+                return None
+            try:
+                word = os.read(self.status_r, 4)
+            except BlockingIOError:
+                continue
+            return struct.unpack(">i", word)[0] if len(word) == 4 else None
+
+    def _send(self, data, deadline):
+        view = memoryview(data)
+        while view:
+            if time.monotonic() > deadline or not select.select([], [self.job_w], [], deadline - time.monotonic())[1]:
+                return False
+            try:
+                view = view[os.write(self.job_w, view):]
+            except BlockingIOError:
+                continue
+        return True
+
+    @staticmethod
+    def _drain(fd, kept, limit):
+        """Read what ``fd`` holds now; keep up to ``limit`` bytes in ``kept``; the number dropped."""
+        dropped = 0
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return dropped
+            if not chunk:
+                return dropped
+            room = max(limit - len(kept), 0)
+            kept += chunk[:room]
+            dropped += len(chunk) - min(len(chunk), room)
+
+    def run(self, job):
+        started = time.monotonic()
+        timeout = float(job.get("timeout", 10))
+        limit = int(job.get("max_output_bytes", 65536))
+        language = job.get("language", "python")
+        if language not in ("python", "python3") and language not in LANGUAGES:
+            return {"sandbox_error": f"language {language!r} is not supported", "return_code": None}
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    duration = time.monotonic() - started
-    stderr = text(kept[err_r], dropped[err_r])
-    result = {
-        "stdout": text(kept[out_r], dropped[out_r]),
-        "stderr": stderr,
-        "return_code": os.waitstatus_to_exitcode(status),
-        "timed_out": timed_out,
-        "memory_exceeded": "MemoryError" in stderr[-2000:],
-        "duration_s": duration,
-    }
-    if job.get("fetch_files"):
-        result["files"], result["files_missing"] = fetch_files(job["fetch_files"],
-                                                               int(job.get("max_fetch_bytes", MAX_FETCH_BYTES)))
-    return result
+            for name in job.get("files") or {}:
+                inside_work(name)
+        except ValueError as error:
+            return {"sandbox_error": str(error), "return_code": None}
+        deadline = started + timeout
+        os.write(self.go_w, b"g")
+        data = json.dumps(job).encode()
+        pid = self._status(started + 10)
+        if pid is None or not self._send(struct.pack(">I", len(data)) + data, started + 10):
+            return {"sandbox_error": "the zygote did not start the job", "return_code": None, "replace_worker": "zygote"}
+        kept = {self.out_r: bytearray(), self.err_r: bytearray()}
+        dropped = {self.out_r: 0, self.err_r: 0}
+        status, timed_out = None, False
+        while status is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            ready = select.select([self.out_r, self.err_r, self.status_r], [], [], remaining)[0]
+            for fd in ready:
+                if fd == self.status_r:
+                    status = self._status(time.monotonic() + 1)
+                    if status is None:
+                        return self._lost_zygote(kept, dropped, started)
+                else:
+                    dropped[fd] += self._drain(fd, kept[fd], limit)
+        if timed_out:
+            self._kill_job(pid)
+            status = self._status(time.monotonic() + CLEANUP_S)
+            if status is None:
+                return self._lost_zygote(kept, dropped, started)
+        for fd in kept:
+            dropped[fd] += self._drain(fd, kept[fd], limit)
+        stderr = text(kept[self.err_r], dropped[self.err_r])
+        result = {
+            "stdout": text(kept[self.out_r], dropped[self.out_r]), "stderr": stderr,
+            "return_code": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
+            "memory_exceeded": "MemoryError" in stderr[-2000:], "duration_s": time.monotonic() - started,
+        }
+        if job.get("fetch_files"):
+            result["files"], result["files_missing"] = fetch_files(job["fetch_files"],
+                                                                   int(job.get("max_fetch_bytes", MAX_FETCH_BYTES)))
+        return result
+
+    def _kill_job(self, pid):
+        if OWN_NAMESPACES:
+            kill_everything_else(time.monotonic() + CLEANUP_S, spare=(1, self.zygote))
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _lost_zygote(self, kept, dropped, started):
+        """The job killed the zygote (same uid): its failure, and this sandbox is replaced."""
+        stderr = text(kept[self.err_r], dropped[self.err_r]) + "\nthe job killed the sandbox's zygote\n"
+        return {"stdout": text(kept[self.out_r], dropped[self.out_r]), "stderr": stderr, "return_code": -9,
+                "timed_out": False, "duration_s": time.monotonic() - started, "replace_worker": "the zygote died"}
+
+    def clean_up(self, deadline):
+        """Leave the sandbox as the zygote made it; the reason if that was not possible in time."""
+        try:
+            if OWN_NAMESPACES:
+                if not kill_everything_else(deadline, spare=(1, self.zygote)):
+                    return "processes of the job survived being killed"
+                remove_ipc_objects()
+            for fd in (self.out_r, self.err_r):  # what a leftover wrote after the job ended
+                self._drain(fd, bytearray(), 0)
+            if not workdir_is_clean():
+                if not wipe(ROOT, deadline):
+                    return f"emptying the work directory took over {CLEANUP_S:g} s"
+                os.chmod(ROOT, ROOT_MODE)
+                os.mkdir(WORK, 0o755)
+                os.chmod(WORK, 0o755)  # whatever the umask
+            if OWN_NAMESPACES:
+                try:
+                    dirty = bool(os.listdir(SHM))
+                except OSError:  # locked by the job
+                    dirty = True
+                if dirty and not wipe(SHM, deadline):
+                    return f"emptying /dev/shm took over {CLEANUP_S:g} s"
+        except BaseException as error:  # whatever the job left, the worker is replaced rather than trusted
+            return f"cleanup failed: {type(error).__name__}: {error}"
+        return None
+
+
+def serve_pool(request_fd, reply_fd, preload):
+    supervisor = Supervisor(preload, (request_fd, reply_fd))
+    write_frame(reply_fd, {"ready": True})
+    while True:
+        job = read_frame(request_fd)
+        if job is None:
+            return
+        try:
+            result = supervisor.run(job)
+        except BaseException as error:
+            result = {"sandbox_error": f"{type(error).__name__}: {error}", "return_code": None,
+                      "replace_worker": "the supervisor failed"}
+        started = time.monotonic()
+        reason = supervisor.clean_up(started + CLEANUP_S)  # the job that made the mess pays for it
+        result["cleanup_s"] = time.monotonic() - started
+        if reason and not result.get("replace_worker"):
+            result["replace_worker"] = reason
+        write_frame(reply_fd, result)
+        if result.get("replace_worker"):
+            return
 
 
 # -- cleanup -------------------------------------------------------------------------------------
 
 def kill_everything_else(deadline, spare=(1,)):
-    """Kill and reap every process of this pid namespace except ``spare`` and this one. True when
-    none is left. Orphans come to this process (a subreaper) or to init, so all are reaped."""
+    """Kill and reap every process of this pid namespace except ``spare`` and this one (init, to
+    which orphans come, so it reaps them all). True when none is left."""
     me = os.getpid()
     while True:
         others = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in (*spare, me)]
@@ -380,79 +499,6 @@ def workdir_is_clean():
         return False
 
 
-def clean_up(deadline):
-    """Leave the sandbox as the zygote made it; the reason if that was not possible in time."""
-    try:
-        if OWN_NAMESPACES:
-            if not kill_everything_else(deadline):
-                return "processes of the job survived being killed"
-            remove_ipc_objects()
-        if not workdir_is_clean():
-            if not wipe(ROOT, deadline):
-                return f"emptying the work directory took over {CLEANUP_S:g} s"
-            os.chmod(ROOT, ROOT_MODE)
-            os.mkdir(WORK, 0o755)
-            os.chmod(WORK, 0o755)  # whatever the umask
-        if OWN_NAMESPACES:
-            try:
-                dirty = bool(os.listdir(SHM))
-            except OSError:  # locked by the job
-                dirty = True
-            if dirty and not wipe(SHM, deadline):
-                return f"emptying /dev/shm took over {CLEANUP_S:g} s"
-    except BaseException as error:  # whatever the job left, the worker is replaced rather than trusted
-        return f"cleanup failed: {type(error).__name__}: {error}"
-    return None
-
-
-def supervisor(request_fd, reply_fd):
-    """The per-job process forked by the zygote: read one job, run it, clean up, reply. Its exit
-    status tells the zygote whether the sandbox may serve another job (0) or not."""
-    libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the job's orphans come here, not to the zygote
-    job = read_frame(request_fd)
-    if job is None:
-        return 3  # the host closed the pipe
-    try:
-        result = supervise(job)
-    except BaseException as error:
-        result = {"sandbox_error": f"{type(error).__name__}: {error}", "return_code": None}
-    started = time.monotonic()
-    reason = clean_up(started + CLEANUP_S)
-    result["cleanup_s"] = time.monotonic() - started
-    if reason:
-        result["replace_worker"] = reason
-    write_frame(reply_fd, result)
-    return 4 if reason else 0
-
-
-def zygote(request_fd, reply_fd):
-    """Fork a supervisor whenever a request waits; never read one. Exits (and the host replaces
-    this sandbox) if a supervisor did not finish cleanly."""
-    while True:
-        select.select([request_fd], [], [])
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                code = supervisor(request_fd, reply_fd)
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        if code == 3:
-            sys.exit(0)  # the host is gone
-        if code not in (0, 4):
-            # The job killed its supervisor (same uid) before it wrote anything: say so, as the
-            # job's failure, and let the host replace this sandbox rather than clean up here,
-            # which would pass the job's file names through the zygote's memory.
-            write_frame(reply_fd, {"stdout": "", "stderr": "the job killed the process supervising it\n",
-                                   "return_code": code if code < 0 else 1, "replace_worker": "the supervisor died"})
-        if code != 0:
-            sys.exit(1)
-        if OWN_NAMESPACES and not kill_everything_else(time.monotonic() + CLEANUP_S):
-            sys.exit(1)
-
-
 def protect_zygote():
     """Jobs run as the zygote's uid. Non-dumpable, its memory and descriptors are out of their reach
     (``/proc/<pid>/mem``, ``/proc/<pid>/fd``), so no job can plant state for the next one. Its
@@ -464,148 +510,12 @@ def protect_zygote():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# -- sessions ------------------------------------------------------------------------------------
-
-class Timeout(Exception):
-    pass
-
-
-def session_call(job, namespace):
-    """Run one call in the interpreter's namespace, stdout and stderr to files the worker reads."""
-    paths = (os.path.join(ROOT, ".stdout"), os.path.join(ROOT, ".stderr"))
-    for fd, path in zip((1, 2), paths):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(target, fd)
-        os.close(target)
-
-    def on_alarm(signum, frame):
-        raise Timeout()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, float(job.get("timeout", 10)))
-    timed_out, return_code = False, 0
-    try:
-        remember_source(job["code"])
-        exec(compile(job["code"], "main.py", "exec"), namespace)
-    except Timeout:
-        timed_out, return_code = True, 1
-    except SystemExit as exit_:
-        return_code = exit_.code if isinstance(exit_.code, int) else 0
-    except BaseException as error:
-        sys.stderr.write(short_traceback(error))
-        return_code = 1
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except OSError:
-            pass
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        os.close(null)
-    return {"return_code": return_code, "timed_out": timed_out}
-
-
-def interpreter(jobs_r, reports_w, memory_mb):
-    """The session's long-lived child: it never holds the host protocol."""
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    os.chdir(WORK)
-    set_limits(memory_mb, 10**6, 32 << 20, 32)  # time is enforced per call, by the worker and the host
-    while True:
-        job = read_frame(jobs_r)
-        if job is None:
-            os._exit(0)
-        write_frame(reports_w, session_call(job, namespace))
-
-
-class Interpreter:
-    def __init__(self, memory_mb, protocol_fds):
-        jobs_r, self.jobs_w = os.pipe()
-        self.reports_r, reports_w = os.pipe()
-        sys.stdout.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                for fd in (*protocol_fds, self.jobs_w, self.reports_r, null):
-                    os.close(fd)
-                interpreter(jobs_r, reports_w, memory_mb)
-            finally:
-                os._exit(70)
-        os.close(jobs_r)
-        os.close(reports_w)
-
-    def call(self, job, limit):
-        started = time.monotonic()
-        write_frame(self.jobs_w, {"code": job["code"], "timeout": job.get("timeout", 10)})
-        report = read_frame(self.reports_r, started + float(job.get("timeout", 10)) + 1.0, CONTROL_FRAME_BYTES)
-        if not isinstance(report, dict) or not isinstance(report.get("return_code"), int):
-            timed_out = time.monotonic() - started >= float(job.get("timeout", 10))
-            self.stop()
-            return {"stdout": "", "return_code": None if not timed_out else 1, "timed_out": timed_out,
-                    "duration_s": time.monotonic() - started, "restarted": True,
-                    "stderr": "" if timed_out else "the session's interpreter stopped answering or wrote on its control "
-                                                   "channel; it was restarted and earlier variables are lost"}
-        outputs = []
-        for name in (".stdout", ".stderr"):
-            try:
-                with open(os.path.join(ROOT, name), "rb") as handle:
-                    data = handle.read(limit + 1)
-                    size = os.fstat(handle.fileno()).st_size
-            except OSError:
-                data, size = b"", 0
-            outputs.append(text(data[:limit], max(size - limit, 0)))
-        return {"stdout": outputs[0], "stderr": outputs[1], "return_code": report["return_code"],
-                "timed_out": bool(report.get("timed_out")), "memory_exceeded": "MemoryError" in outputs[1][-2000:],
-                "duration_s": time.monotonic() - started}
-
-    def stop(self):
-        for fd in (self.jobs_w, self.reports_r):
-            os.close(fd)
-        if OWN_NAMESPACES:
-            kill_everything_else(time.monotonic() + CLEANUP_S)
-        else:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-
-
-def session_worker(request_fd, reply_fd, memory_mb):
-    current = None
-    while True:
-        job = read_frame(request_fd)
-        if job is None:
-            return
-        if current is None:
-            current = Interpreter(memory_mb, (request_fd, reply_fd))
-        result = current.call(job, int(job.get("max_output_bytes", 65536)))
-        if result.pop("restarted", False):
-            current = None
-        while True:  # reap the interpreter's exited orphans (they come to this init)
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-        write_frame(reply_fd, result)
-
-
 def main():
     global ROOT_MODE
     mode = sys.argv[1] if len(sys.argv) > 1 else "pool"
     memory_mb = int(sys.argv[2]) if len(sys.argv) > 2 else 512
-    for module in sys.argv[3:]:
-        try:
-            __import__(module)  # warm imports: forked children get them for free
-        except ImportError:
-            pass
     protect_zygote()
+    libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # outside a pid namespace, orphans still come here
     os.makedirs(WORK, exist_ok=True)
     os.chmod(WORK, 0o755)
     ROOT_MODE = stat.S_IMODE(os.stat(ROOT).st_mode)
@@ -615,11 +525,12 @@ def main():
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    write_frame(reply_fd, {"ready": True})
     if mode == "pool":
-        zygote(request_fd, reply_fd)
+        serve_pool(request_fd, reply_fd, sys.argv[3:])
     else:
-        session_worker(request_fd, reply_fd, memory_mb)
+        from worker_session import serve_session
+
+        serve_session(request_fd, reply_fd, memory_mb)
 
 
 ROOT_MODE = 0o755

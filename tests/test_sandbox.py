@@ -37,14 +37,20 @@ def sandbox_processes() -> set[int]:
 
 
 def leftover_processes(baseline: set[int]) -> list[int]:
-    """Sandbox processes beyond the warm workers, each of which is bwrap (in the baseline) and the
-    zygote it runs as the namespace's pid 1: any child of a zygote, and any other sandbox process."""
+    """Sandbox processes beyond the warm workers, each of which is bwrap (in the baseline), the
+    supervisor it runs as the namespace's pid 1 and that supervisor's first child, the zygote:
+    anything else inside a sandbox, and any other sandbox process, is left over."""
     leftovers, known = [], set(baseline)
     for pid in baseline:
         try:
-            for zygote in psutil.Process(pid).children():
-                known.add(zygote.pid)
-                leftovers += [p.pid for p in zygote.children(recursive=True)]
+            for init in psutil.Process(pid).children():
+                known.add(init.pid)
+                children = sorted(init.children(), key=lambda p: p.create_time())
+                if children:
+                    known.add(children[0].pid)
+                for other in children:
+                    leftovers += [p.pid for p in other.children(recursive=True)]
+                leftovers += [p.pid for p in children[1:]]
         except psutil.NoSuchProcess:
             continue
     return leftovers + sorted(sandbox_processes() - known - set(leftovers))
