@@ -8,11 +8,12 @@ key, the value and the expected type.
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -85,14 +86,44 @@ class RolloutConfig(Section):
     max_concurrent_trajectories: int = Field(64, gt=0)
     max_batch_size: int = Field(32, gt=0)
     end_on_format_error: bool = False  # False: the model sees the parse error as an observation and goes on
+    # Several tool calls per turn: the turn is not cut at a call's closing tag but ends at EOS.
+    parallel_tool_calls: bool = False
+    max_model_len: int | None = Field(None, gt=0)  # prompt + response; default: the engine's context length
+    group_retries: int = Field(1, ge=0)  # reruns of a group with a failed trajectory before it is dropped
+    reward_timeout_s: float = Field(60.0, gt=0.0)
+    reward_workers: int = Field(4, gt=0)  # threads for synchronous reward functions
     partial: PartialRolloutConfig = PartialRolloutConfig()
+
+
+KLEstimator = Literal["k1", "k2", "mse", "k3", "low_var_kl"]
+KL_IN_REWARD_ESTIMATORS = ("reinforce_pp", "gae")  # their papers put the KL into the token reward
+
+
+class GigpoConfig(Section):
+    """GiGPO (``algo.advantage=gigpo``): weight of the step-level advantage and its discount."""
+
+    step_weight: float = Field(1.0, ge=0.0)
+    gamma: float = Field(0.95, ge=0.0, le=1.0)
+
+
+class ArcherConfig(Section):
+    """The ArCHer utterance-level critic (``algo.advantage=archer``, ``agentrl/algos/critic.py``)."""
+
+    gamma: float = Field(0.95, ge=0.0, le=1.0)  # discount across turns
+    tau: float = Field(0.1, gt=0.0, le=1.0)  # Polyak rate of the target network
+    lr: float = Field(1e-4, gt=0.0)
+    hidden_size: int = Field(256, gt=0)
+    updates_per_step: int = Field(8, ge=0)  # TD minibatch updates per RL step
+    batch_size: int = Field(64, gt=0)
+    buffer_size: int = Field(4096, gt=0)  # turn transitions kept for off-policy TD
+    warmup_steps: int = Field(2, ge=0)  # RL steps that train only the critic
 
 
 class AlgoConfig(Section):
     """Advantage estimator and policy loss (see ``agentrl/algos``)."""
 
     advantage: Literal[
-        "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "turn_grpo"
+        "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "turn_grpo", "gigpo", "archer"
     ] = "grpo"
     norm_std: bool = True
     gamma: float = Field(1.0, ge=0.0, le=1.0)
@@ -103,7 +134,10 @@ class AlgoConfig(Section):
     clip_high: float = Field(0.28, ge=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
     kl_coef: float = Field(0.0, ge=0.0)
-    kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
+    kl_in_reward: bool | None = None  # None: in the reward for reinforce_pp and gae, in the loss otherwise
+    kl_reward_type: KLEstimator = "k1"  # as a token reward only k1 follows grad KL(pi || ref)
+    kl_loss_type: KLEstimator = "low_var_kl"  # k1 as a loss has zero expected gradient
+    kl_type: KLEstimator | None = None  # deprecated name of kl_loss_type
     entropy_coef: float = Field(0.0, ge=0.0)
     clip_cov_ratio: float = Field(0.0, ge=0.0, le=1.0)
     clip_cov_lower: float = 1.0
@@ -112,9 +146,37 @@ class AlgoConfig(Section):
     kl_cov_coef: float = Field(1.0, ge=0.0)
     stale_is_cap: float = Field(2.0, gt=0.0)
     dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = Field(2, ge=0)  # extra rollout rounds to refill the filtered batch
     overlong_filter: bool = False
     value_lr: float = Field(1e-5, gt=0.0)
     value_clip: float = Field(0.2, ge=0.0)
+    value_coef: float = Field(1.0, ge=0.0)
+    value_trunk_grad: bool = True  # False: the value loss trains only the head, not the shared trunk
+    whiten_gae: bool = True  # masked whitening of GAE advantages over the batch (as verl)
+    gigpo: GigpoConfig = GigpoConfig()
+    archer: ArcherConfig = ArcherConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_kl_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kl_type") is not None:
+            warnings.warn("algo.kl_type is deprecated: it sets algo.kl_loss_type (the KL in the loss); the KL "
+                          "in the reward is algo.kl_reward_type", DeprecationWarning, stacklevel=2)
+            data = dict(data)
+            data.setdefault("kl_loss_type", data["kl_type"])
+            data["kl_type"] = None
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> AlgoConfig:
+        in_reward = self.kl_in_reward if self.kl_in_reward is not None else self.advantage in KL_IN_REWARD_ESTIMATORS
+        if self.kl_coef > 0 and not in_reward and self.kl_loss_type == "k1":
+            warnings.warn("algo.kl_loss_type=k1 as a loss has zero expected gradient (E[grad log pi] = 0) and adds only "
+                          "noise; use k2 (mse) for grad KL(pi || ref) or low_var_kl/k3", UserWarning, stacklevel=2)
+        if self.dynamic_sampling and self.advantage in ("reinforce_pp", "gae", "archer"):
+            raise ValueError(f"algo.dynamic_sampling drops groups whose rewards tie, but under {self.advantage} (no group "
+                             "baseline) those still carry signal: set algo.dynamic_sampling=false")
+        return self
 
 
 class TrainerConfig(Section):

@@ -42,6 +42,12 @@ class ParseResult:
     calls: list[ToolCall] = field(default_factory=list)
     answer: str | None = None
     errors: list[FormatError] = field(default_factory=list)
+    in_think: bool = False  # the text ends inside an unclosed <think> block
+
+
+def inside_think(text: str) -> bool:
+    """Whether ``text`` ends inside a ``<think>`` block that is not closed yet."""
+    return text.rfind("<think>") > text.rfind("</think>")
 
 
 class ActionParser:
@@ -77,9 +83,11 @@ class ActionParser:
 
     def parse(self, text: str) -> ParseResult:
         try:
-            return self._parse(text)
+            result = self._parse(text)
         except Exception as error:  # parsing must never take a rollout down
-            return ParseResult(errors=[FormatError(f"could not parse the turn: {error}", text[-200:])])
+            result = ParseResult(errors=[FormatError(f"could not parse the turn: {error}", text[-200:])])
+        result.in_think = inside_think(text)
+        return result
 
     # -- internals -------------------------------------------------------------------------
 

@@ -8,56 +8,84 @@ pending at any moment.
 Assembly is token-faithful: the prompt is rendered with the chat template once; each assistant
 turn appends exactly the token ids the engine sampled (loss mask 1, logprobs kept); each
 observation is rendered (env tags such as ``<information>``, or a ``tool`` message through the chat
-template), tokenised and appended with loss mask 0. Model output is decoded only to be parsed,
-never re-encoded.
+template), tokenised and appended with loss mask 0 (see :mod:`agentrl.assembly`). Model output is
+decoded only to be parsed, never re-encoded. Template rendering, tokenisation and the reward run
+off the event loop, on threads of the worker's own.
+
+Budgets are hard: a turn's ``max_new_tokens`` is clamped to what is left of
+``rollout.max_response_tokens`` and of the engine's context length (``max_model_len``), and an
+observation is cut to what is left, keeping its wrappers; no trajectory ever exceeds either.
+
+Failures stay inside their trajectory. Anything other than cancellation raised while one trajectory
+runs ends that trajectory with a status of its own (``engine_error``, ``template_error``,
+``tool_error``, ``reward_error``, ``infra_error``; see :data:`~agentrl.trajectory.FAILURE_STATUSES`)
+and a short reason in ``metadata["error"]``; the other trajectories go on. Such trajectories never
+enter the loss, and neither do their groups: see :meth:`RolloutWorker.run_group`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import statistics
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from agentrl.assembly import TokenAssembler
 from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.engines.base import Engine, SamplingParams
 from agentrl.envs.base import Env, Task
 from agentrl.executor import ToolExecutor, ToolResult, truncate_observation
 from agentrl.parsing import ParseResult
+from agentrl.partial import PartialRolloutManager
+from agentrl.runs import RolloutBatch, TrajectoryRun, derive_seed
 from agentrl.tool import InfraError, ToolContext
-from agentrl.trajectory import ToolCallRecord, Trajectory
+from agentrl.trajectory import FAILURE_STATUSES, STATUSES, ToolCallRecord, Trajectory
 
 
-@dataclass
-class RolloutBatch:
-    trajectories: list[Trajectory]
-    metrics: dict[str, float] = field(default_factory=dict)
+class TrajectoryFailure(Exception):
+    """A failure that is not the policy's, raised inside one trajectory: it ends that trajectory
+    with ``status`` (also its stop reason) and never reaches the others."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status, self.reason = status, reason
 
 
-@dataclass
-class TrajectoryRun:
-    """One trajectory's resumable state. The loop only changes it at points where it is consistent
-    (whole turns appended, tools not yet run or fully run), so a run cancelled at any ``await`` can
-    continue later, in another step, with a newer policy."""
-
-    task: Task
-    trajectory: Trajectory
-    seed: int
-    turn: int = 0  # the next turn to generate
-    tools_pending: bool = False  # the last assistant turn's tool calls have not run yet
-    finish_reason: str = "stop"  # of the last generation (JSON format: decides the assistant end glue)
-    done: bool = False
-
-    @property
-    def oldest_version(self) -> int | None:
-        versions = [s.policy_version for s in self.trajectory.turns if s.role == "assistant" and s.policy_version is not None]
-        return min(versions) if versions else None
+def short_reason(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:limit].rstrip(": ")
 
 
-def derive_seed(seed: int, task_index: int, sample: int) -> int:
-    """A per-trajectory seed from the step seed, the task's position and the sample's index."""
-    return ((seed * 1_000_003 + task_index) * 1_009 + sample) % 2**31
+@contextlib.contextmanager
+def failing_as(status: str):
+    """Turn any exception raised inside the block (not cancellation, which is not an Exception,
+    and not the InfraError the caller handles) into a :class:`TrajectoryFailure` with ``status``."""
+    try:
+        yield
+    except (TrajectoryFailure, InfraError):
+        raise
+    except Exception as error:
+        raise TrajectoryFailure(status, short_reason(error)) from error
+
+
+def failed_groups(trajectories: list[Trajectory]) -> set[str]:
+    """Groups with at least one trajectory that failed for a reason not the policy's."""
+    return {t.group_id for t in trajectories if t.status in FAILURE_STATUSES}
+
+
+def drop_failed_groups(trajectories: list[Trajectory]) -> int:
+    """Leave every member of a group with a failed trajectory out of the loss (``metadata["dropped"]``);
+    returns how many groups were dropped. See :meth:`RolloutWorker.run_group` for why."""
+    failed = failed_groups(trajectories)
+    for trajectory in trajectories:
+        if trajectory.group_id in failed and not trajectory.metadata.get("dropped"):
+            trajectory.metadata["dropped"] = "another sample of this group failed; its baseline would be biased"
+    return len(failed)
 
 
 class RolloutWorker:
@@ -69,8 +97,6 @@ class RolloutWorker:
 
     def __init__(self, engine: Engine, tokenizer: Any, env: Env, executor: ToolExecutor,
                  rollout: RolloutConfig | None = None, tools: ToolsConfig | None = None) -> None:
-        from agentrl.partial import PartialRolloutManager
-
         self.engine = engine
         self.tokenizer = tokenizer
         self.env = env
@@ -79,8 +105,17 @@ class RolloutWorker:
         self.tools_config = tools or ToolsConfig()
         tags = dict(env.tags) if env.action_format == "xml" else None
         self.parser = executor.parser(env.action_format, tags, env.answer_tag)
+        # With parallel tool calls the turn is not cut at the first call's closing tag: the model
+        # writes all its calls and ends the turn itself (EOS), as hermes/Qwen models are trained to.
+        self.stop_strings = ([f"</{env.answer_tag}>"] if env.answer_tag else []) if self.config.parallel_tool_calls \
+            else self.parser.stop_strings
         self.partial = PartialRolloutManager(self, self.config.partial)
+        self.assembler = TokenAssembler(tokenizer, env)
         self._semaphores: dict[int, asyncio.Semaphore] = {}
+        # One thread for the tokenizer (its calls are serialised, never on the loop) and a small
+        # bounded pool for rewards; neither is the default pool that engines and tools use.
+        self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="agentrl-text")
+        self._reward_pool = ThreadPoolExecutor(self.config.reward_workers, thread_name_prefix="agentrl-reward")
 
     # -- public API ------------------------------------------------------------------------
 
@@ -90,17 +125,39 @@ class RolloutWorker:
 
         Partial mode (``partial``, default ``rollout.partial.enabled``): carried-over groups and
         ``tasks`` run together and the step ends once ``target_groups`` (default ``len(tasks)``)
-        groups are complete; evaluation passes ``partial=False``.
+        groups are complete; evaluation passes ``partial=False``. Groups with a failed trajectory
+        are dropped there without a retry.
         """
         n = group_size or self.config.group_size
         if self.config.partial.enabled if partial is None else partial:
-            return await self.partial.run_step(tasks, seed, n, target_groups)
+            batch = await self.partial.run_step(tasks, seed, n, target_groups)
+            drop_failed_groups(batch.trajectories)
+            batch.metrics.update(rollout_metrics(batch.trajectories))
+            return batch
         groups = await asyncio.gather(*(self.run_group(task, n, seed, index) for index, task in enumerate(tasks)))
         trajectories = [t for group in groups for t in group]
         return RolloutBatch(trajectories, rollout_metrics(trajectories))
 
     async def run_group(self, task: Task, n: int, seed: int = 0, task_index: int = 0) -> list[Trajectory]:
-        return list(await asyncio.gather(*(self.run_trajectory(task, i, derive_seed(seed, task_index, i)) for i in range(n))))
+        """``n`` samples of ``task``. The group policy for failures that are not the policy's:
+
+        A group with a failed trajectory is run again, all of it, with fresh tool sessions and new
+        seeds, up to ``rollout.group_retries`` times; if it still has a failure, every member is
+        left out of the loss (``metadata["dropped"]``). Neither keeping the survivors nor retrying
+        only the failed sample is unbiased: such failures correlate with what the policy did (a
+        context-length error hits long trajectories, a reward timeout pathological output), so a
+        group baseline from the rest would be computed over a filtered sample.
+        """
+        for attempt in range(self.config.group_retries + 1):
+            group = list(await asyncio.gather(*(
+                self.run_trajectory(task, i, derive_seed(seed, task_index, i + attempt * n)) for i in range(n)
+            )))
+            for trajectory in group:
+                trajectory.metadata["attempt"] = attempt
+            if not failed_groups(group):
+                return group
+        drop_failed_groups(group)
+        return group
 
     async def run_trajectory(self, task: Task, sample: int = 0, seed: int = 0) -> Trajectory:
         run = self.new_run(task, sample, seed)
@@ -108,35 +165,40 @@ class RolloutWorker:
         return run.trajectory
 
     def new_run(self, task: Task, sample: int, seed: int) -> TrajectoryRun:
-        trajectory = Trajectory(id=f"{task.id}/{sample}", group_id=str(task.id), prompt_ids=self.render_prompt(task),
+        """A run whose prompt is rendered when it first advances (off the loop, failures contained)."""
+        trajectory = Trajectory(id=f"{task.id}/{sample}", group_id=str(task.id), prompt_ids=[],
                                 policy_version=self.engine.policy_version)
         return TrajectoryRun(task, trajectory, seed)
 
     async def advance(self, run: TrajectoryRun) -> None:
-        """Run (or continue) a trajectory to its end, then score it."""
+        """Run (or continue) a trajectory to its end, then score it. Only cancellation propagates."""
+        trajectory = run.trajectory
         async with self._semaphore():
-            context = ToolContext(run.trajectory.id, dict(run.task.metadata), list(run.task.images))
-            async with self.executor.session(run.trajectory.id, context) as session:
-                await self._loop(run, session)
+            try:
+                if not trajectory.prompt_ids:
+                    with failing_as("template_error"):
+                        trajectory.prompt_ids = await self._off_loop(self.render_prompt, run.task)
+                context = ToolContext(trajectory.id, dict(run.task.metadata), list(run.task.images))
+                async with self.executor.session(trajectory.id, context) as session:
+                    await self._loop(run, session)
+            except TrajectoryFailure as failure:
+                self._fail(trajectory, failure.status, failure.reason)
+            except InfraError as error:
+                self._fail(trajectory, "infra_error", short_reason(error))
+            except Exception as error:  # the tool session itself (its setup or close) failed
+                self._fail(trajectory, "tool_error", short_reason(error))
+            await self._score(run)
         self.finish(run)
 
     def finish(self, run: TrajectoryRun) -> None:
         trajectory = run.trajectory
-        if trajectory.stop_reason != "stale":
-            reward = self.env.reward(run.task, trajectory)
-            trajectory.reward = reward.score
-            trajectory.turn_rewards = reward.turn_rewards
-            trajectory.metrics.update({"success": float(reward.success), **reward.info})
-        trajectory.metadata["span_text"] = [
-            self.tokenizer.decode(trajectory.response_ids[s.start:s.end]) for s in trajectory.turns
-        ]
+        if len(trajectory.metadata.get("span_text", ())) != len(trajectory.turns):
+            trajectory.metadata["span_text"] = self.assembler.decode_spans(trajectory.response_ids, trajectory.turns)
         run.done = True
 
     def render_prompt(self, task: Task) -> list[int]:
         tools = self.executor.schemas if self.env.action_format == "json" else None
-        return list(self.tokenizer.apply_chat_template(
-            task.messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
-        ))
+        return self.assembler.render_prompt(task.messages, tools)
 
     def state_dict(self) -> dict[str, Any]:
         """The partial-rollout state a trainer checkpoint holds."""
@@ -145,7 +207,54 @@ class RolloutWorker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.partial.load_state_dict(state)
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The engine's context length (prompt + response), if it has one."""
+        return self.config.max_model_len or getattr(self.engine, "max_model_len", None)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    async def _score(self, run: TrajectoryRun) -> None:
+        """The env's reward, on the reward pool, within ``rollout.reward_timeout_s``."""
+        trajectory = run.trajectory
+        if trajectory.stop_reason == "stale" or trajectory.status in FAILURE_STATUSES:
+            return
+        timeout = self.config.reward_timeout_s
+        try:
+            if inspect.iscoroutinefunction(self.env.reward):
+                reward = await asyncio.wait_for(self.env.reward(run.task, trajectory), timeout)
+            else:
+                call = functools.partial(self.env.reward, run.task, trajectory)
+                reward = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._reward_pool, call), timeout)
+            score = float(reward.score)
+        except asyncio.TimeoutError:
+            self._fail(trajectory, "reward_error", f"the reward function ran past rollout.reward_timeout_s={timeout:g} s")
+            return
+        except Exception as error:
+            self._fail(trajectory, "reward_error", short_reason(error))
+            return
+        trajectory.reward = score
+        trajectory.turn_rewards = reward.turn_rewards
+        trajectory.metrics.update({"success": float(reward.success), **reward.info})
+        trajectory.metadata["span_text"] = await self._off_loop(
+            self.assembler.decode_spans, list(trajectory.response_ids), list(trajectory.turns))
+
+    def _fail(self, trajectory: Trajectory, status: str, reason: str) -> None:
+        trajectory.status = trajectory.stop_reason = status
+        trajectory.metadata["error"] = reason
+        if status == "infra_error":
+            trajectory.metadata["infra_error"] = reason
+
+    async def _off_loop(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._text_pool, functools.partial(function, *args))
+
     # -- the loop --------------------------------------------------------------------------
+
+    def _budget(self, trajectory: Trajectory) -> tuple[int, int | None]:
+        """Tokens left of the response budget and of the context (``None``: no context length)."""
+        remaining = self.config.max_response_tokens - len(trajectory.response_ids)
+        limit = self.max_model_len
+        return remaining, (limit - len(trajectory.prompt_ids) - len(trajectory.response_ids) if limit else None)
 
     async def _loop(self, run: TrajectoryRun, session) -> None:
         config, trajectory = self.config, run.trajectory
@@ -162,35 +271,46 @@ class RolloutWorker:
             if turn >= config.max_turns:
                 trajectory.stop_reason = "max_turns"
                 return
-            remaining = config.max_response_tokens - len(trajectory.response_ids)
+            remaining, context = self._budget(trajectory)
+            if context is not None and context <= 0:
+                trajectory.stop_reason, trajectory.status = "max_context", "truncated"
+                return
             if remaining <= 0:
                 trajectory.stop_reason, trajectory.status = "max_response_tokens", "truncated"
                 return
+            limit = min(config.max_new_tokens, remaining, context if context is not None else remaining)
             params = SamplingParams(
-                max_new_tokens=min(config.max_new_tokens, remaining), temperature=config.temperature,
-                top_p=config.top_p, stop=self.parser.stop_strings, seed=(run.seed * 100 + turn) % 2**31,
+                max_new_tokens=limit, temperature=config.temperature,
+                top_p=config.top_p, stop=self.stop_strings, seed=(run.seed * 100 + turn) % 2**31,
             )
             try:
-                result = await self.engine.generate(trajectory.input_ids, params)
+                with failing_as("engine_error"):
+                    result = await self.engine.generate(trajectory.input_ids, params)
+                    if len(result.token_ids) > limit:
+                        raise ValueError(f"the engine returned {len(result.token_ids)} tokens for max_new_tokens={limit}")
+                    trajectory.append_model_tokens(result.token_ids, result.logprobs, turn, result.policy_version)
             except InfraError as error:  # the inference server is down: not the policy's fault
-                trajectory.status, trajectory.stop_reason = "infra_error", "infra_error"
-                trajectory.metadata["infra_error"] = str(error)
+                self._fail(trajectory, "infra_error", short_reason(error))
                 return
-            trajectory.append_model_tokens(result.token_ids, result.logprobs, turn, result.policy_version)
             if result.finish_reason == "abort":  # the server gave up mid-turn: continue the same turn
                 if not result.token_ids:
-                    trajectory.status, trajectory.stop_reason = "infra_error", "infra_error"
+                    self._fail(trajectory, "infra_error", "the engine aborted the request without a token")
                     return
                 continue
             run.finish_reason = result.finish_reason
-            parsed = self._parse_turn(trajectory, turn)
+            parsed = await self._parse_turn(trajectory, turn)
+            if result.finish_reason == "stop" and parsed.in_think:  # a closing tag while reasoning
+                continue
             if parsed.answer is not None:
                 trajectory.answer, trajectory.stop_reason = parsed.answer, "answer"
                 return
             if result.finish_reason == "length":
-                spent = len(result.token_ids) >= remaining and remaining < config.max_new_tokens
-                trajectory.stop_reason = "max_response_tokens" if spent else "max_new_tokens"
                 trajectory.status = "truncated"
+                if limit < config.max_new_tokens and len(result.token_ids) >= limit:
+                    trajectory.stop_reason = "max_context" if context is not None and context == limit < remaining \
+                        else "max_response_tokens"
+                else:
+                    trajectory.stop_reason = "max_new_tokens"
                 return
             if not parsed.calls and not parsed.errors:
                 trajectory.stop_reason = "eos"
@@ -204,26 +324,42 @@ class RolloutWorker:
                 return
             run.tools_pending = True
 
-    def _parse_turn(self, trajectory: Trajectory, turn: int) -> ParseResult:
+    async def _parse_turn(self, trajectory: Trajectory, turn: int) -> ParseResult:
         """Parse everything the model wrote in ``turn`` (one generation, or several after aborts)."""
         ids = [i for s in trajectory.turns if s.role == "assistant" and s.turn == turn
                for i in trajectory.response_ids[s.start:s.end]]
-        return self.parser.parse(self.tokenizer.decode(ids, skip_special_tokens=True))
+        with failing_as("template_error"):
+            text = await self._off_loop(self.assembler.decode, ids)
+        return self.parser.parse(text)
 
     async def _tools(self, run: TrajectoryRun, session) -> bool:
         """Run the last turn's calls and append their observation; False when the episode ends."""
         trajectory, turn = run.trajectory, run.turn
-        parsed = self._parse_turn(trajectory, turn)
-        results = await session.run(parsed.calls)
+        parsed = await self._parse_turn(trajectory, turn)
+        with failing_as("tool_error"):
+            results = await session.run(parsed.calls)
+        if any(r.status == "infra_error" for r in results):
+            self._record(trajectory, turn, parsed, results)
+            run.tools_pending, run.turn = False, turn + 1
+            self._fail(trajectory, "infra_error", next(r.error for r in results if r.status == "infra_error") or "")
+            return False
+        remaining, context = self._budget(trajectory)
+        budget = min(remaining, context) if context is not None else remaining
+        last_id = trajectory.response_ids[-1] if trajectory.response_ids else None
+        with failing_as("template_error"):
+            pieces = await self._off_loop(self._observation, parsed, results, run.finish_reason, last_id,
+                                          turn + 1 == self.config.max_turns - 1, budget)
+        # From here on nothing awaits: the run's state changes all at once.
         self._record(trajectory, turn, parsed, results)
         run.tools_pending, run.turn = False, turn + 1
-        if any(r.status == "infra_error" for r in results):
-            trajectory.status, trajectory.stop_reason = "infra_error", "infra_error"
-            return False
         if parsed.errors and not parsed.calls:
             trajectory.status = "format_error"
-        self._append_observation(trajectory, turn, run.finish_reason, parsed, results,
-                                 final=turn + 1 == self.config.max_turns - 1)
+        if pieces is None:  # not even the observation's wrappers fit in what is left
+            trajectory.stop_reason = "max_context" if context is not None and context < remaining else "max_response_tokens"
+            trajectory.status = "truncated"
+            return False
+        for piece in pieces:
+            trajectory.append_observation_tokens(piece.ids, turn, role=piece.role)
         return True
 
     def _record(self, trajectory: Trajectory, turn: int, parsed: ParseResult, results: list[ToolResult]) -> None:
@@ -234,49 +370,13 @@ class RolloutWorker:
         for error in parsed.errors:
             trajectory.tool_calls.append(ToolCallRecord("", {}, turn, "format_error", 0.0, error.message))
 
-    def _observation_texts(self, parsed: ParseResult, results: list[ToolResult]) -> list[str]:
-        budget, side = self.tools_config.max_observation_tokens, self.tools_config.observation_truncation
-        texts = [truncate_observation(r.observation.text, self.tokenizer, budget, side) for r in results]
-        return texts + [f"Error: {error.message}" for error in parsed.errors]
-
-    def _append_observation(self, trajectory: Trajectory, turn: int, finish_reason: str, parsed: ParseResult,
-                            results: list[ToolResult], final: bool) -> None:
-        texts = self._observation_texts(parsed, results)
-        if self.env.action_format == "xml":
-            text = self.env.observation_template.format(observation="\n".join(texts))
-            if final:
-                text += self.env.final_turn_message
-            trajectory.append_observation_tokens(self._encode(text), turn)
-            return
-        # JSON tool calls: close the assistant message, then the tool messages and the next prompt,
-        # all rendered by the model's own chat template.
-        if finish_reason != "eos":
-            trajectory.append_observation_tokens(self._encode(self._assistant_end()), turn, role="template")
-        messages = [{"role": "tool", "content": text} for text in texts]
-        if final:
-            messages.append({"role": "user", "content": self.env.final_turn_message})
-        trajectory.append_observation_tokens(self._encode(self._render_suffix(messages)), turn)
-
-    # -- chat-template pieces --------------------------------------------------------------
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _render_suffix(self, messages: list[dict[str, str]]) -> str:
-        """The template's text for ``messages`` plus the next assistant prompt, as it would follow
-        an earlier conversation (rendered after a fixed system message, which is then cut off)."""
-        base = [{"role": "system", "content": "x"}]
-        head = self.tokenizer.apply_chat_template(base, tokenize=False)
-        full = self.tokenizer.apply_chat_template(base + messages, tokenize=False, add_generation_prompt=True)
-        if not full.startswith(head):
-            raise ValueError("the chat template does not render conversations incrementally")
-        return full[len(head):]
-
-    def _assistant_end(self) -> str:
-        """What the template writes after an assistant message's content (e.g. ``<|im_end|>\\n``)."""
-        base = [{"role": "system", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
-        rendered = self.tokenizer.apply_chat_template(base, tokenize=False)
-        return rendered[rendered.rindex("MARKER") + len("MARKER"):]
+    def _observation(self, parsed: ParseResult, results: list[ToolResult], finish_reason: str,
+                     last_id: int | None, final: bool, budget: int):
+        """(On the text thread.) The observation's pieces within ``budget`` tokens."""
+        limit, side = self.tools_config.max_observation_tokens, self.tools_config.observation_truncation
+        texts = [truncate_observation(r.observation.text, self.tokenizer, limit, side) for r in results]
+        texts += [f"Error: {error.message}" for error in parsed.errors]
+        return self.assembler.observation(texts, finish_reason, last_id, final, budget)
 
     def _semaphore(self) -> asyncio.Semaphore:
         key = id(asyncio.get_running_loop())
@@ -300,8 +400,15 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         metrics["success_rate"] = statistics.fmean(t.metrics.get("success", 0.0) for t in scored)
     for reason, count in Counter(t.stop_reason for t in trajectories).items():
         metrics[f"stop/{reason}"] = count / len(trajectories)
-    for status, count in Counter(t.status for t in trajectories).items():
-        metrics[f"status/{status}"] = count / len(trajectories)
+    statuses = Counter(t.status for t in trajectories)
+    for status in dict.fromkeys((*STATUSES, *statuses)):  # every status, so a failure shows as a rise from 0
+        metrics[f"status/{status}"] = statuses[status] / len(trajectories)
+    metrics["failures"] = float(sum(statuses[s] for s in FAILURE_STATUSES))
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for trajectory in trajectories:
+        groups[trajectory.group_id].append(trajectory)
+    metrics["groups/dropped"] = float(sum(any(t.metadata.get("dropped") for t in g) for g in groups.values()))
+    metrics["groups/retried"] = float(sum(any(t.metadata.get("attempt", 0) > 0 for t in g) for g in groups.values()))
     calls = [c for t in trajectories for c in t.tool_calls]
     for tool, count in Counter(c.tool or "<format>" for c in calls).items():
         metrics[f"tool_calls/{tool}"] = count / len(trajectories)

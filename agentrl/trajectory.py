@@ -13,8 +13,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-Status = Literal["ok", "format_error", "truncated", "infra_error"]
-STATUSES: tuple[str, ...] = ("ok", "format_error", "truncated", "infra_error")
+Status = Literal[
+    "ok", "format_error", "truncated",
+    # Failures that are not the policy's: the trajectory is kept (with a short reason in
+    # ``metadata["error"]``) but never enters the loss.
+    "infra_error",  # a tool server, sandbox backend or inference server was unreachable
+    "engine_error",  # the engine refused or failed the request (a 4xx such as a context-length error)
+    "template_error",  # the chat template or tokenizer could not render the next piece
+    "tool_error",  # a bug outside a tool's own call (its wrapper, its session) raised
+    "reward_error",  # the env's reward function raised or ran past its timeout
+]
+STATUSES: tuple[str, ...] = (
+    "ok", "format_error", "truncated", "infra_error", "engine_error", "template_error", "tool_error", "reward_error",
+)
+# Statuses that say nothing about the policy: left out of the loss and of group baselines.
+FAILURE_STATUSES: frozenset[str] = frozenset({"infra_error", "engine_error", "template_error", "tool_error", "reward_error"})
 
 StopReason = Literal[
     "answer",  # the model gave a final answer
@@ -22,13 +35,15 @@ StopReason = Literal[
     "max_turns",  # the turn budget ran out
     "max_new_tokens",  # one turn hit its per-turn token budget
     "max_response_tokens",  # the whole-trajectory token budget ran out
+    "max_context",  # prompt + response reached the engine's context length
     "format_error",  # the episode was ended because of unparseable output
     "infra_error",  # a tool server or sandbox backend failed; excluded from the loss
+    "engine_error", "template_error", "tool_error", "reward_error",  # see the statuses of the same names
     "stale",  # a partial rollout outlived the maximum staleness and was dropped
 ]
 STOP_REASONS: tuple[str, ...] = (
-    "answer", "eos", "max_turns", "max_new_tokens", "max_response_tokens",
-    "format_error", "infra_error", "stale",
+    "answer", "eos", "max_turns", "max_new_tokens", "max_response_tokens", "max_context",
+    "format_error", "infra_error", "engine_error", "template_error", "tool_error", "reward_error", "stale",
 )
 
 SpanRole = Literal["assistant", "observation", "template"]
@@ -148,8 +163,10 @@ class Trajectory:
 
     @property
     def trainable(self) -> bool:
-        """Infrastructure failures and dropped partial rollouts never enter the loss."""
-        return self.status != "infra_error" and self.stop_reason != "stale"
+        """Failures that are not the policy's (:data:`FAILURE_STATUSES`), dropped partial rollouts
+        and the members of a dropped group (``metadata["dropped"]``) never enter the loss."""
+        return (self.status not in FAILURE_STATUSES and self.stop_reason != "stale"
+                and not self.metadata.get("dropped"))
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the parallel arrays or spans are inconsistent."""

@@ -1,0 +1,160 @@
+"""Token assembly: the ids of everything in a trajectory that the policy did not sample.
+
+Each piece is the chat template's own text, tokenised: the prompt, the glue that closes an
+assistant message (``<|im_end|>\\n``), the wrappers around tool output (``<information>…
+</information>``, or a ``tool`` message and the next assistant header rendered by the template).
+Tool output itself is encoded as plain text (``split_special_tokens``), so a document or a
+program's output that contains ``<|im_end|>`` or ``<|im_start|>`` can never become a control token,
+while the wrappers' own special tokens stay special.
+
+An observation is fitted to the tokens the trajectory has left: the tool output is cut (with a
+marker saying how much), never the wrappers, so the closing tag and the template's end survive. If
+not even the wrappers fit, :meth:`TokenAssembler.observation` says so and the trajectory ends.
+
+Everything here is synchronous and called from one thread of its own (see ``RolloutWorker``): the
+event loop never renders templates or tokenises.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from agentrl.trajectory import SpanRole
+
+SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template, never in tool output
+SENTINEL_PATTERN = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass
+class Piece:
+    """Ids to append with loss mask 0. ``content`` pieces hold tool output (plain-text encoded)."""
+
+    ids: list[int]
+    role: SpanRole = "observation"
+    content: bool = False
+
+
+class TokenAssembler:
+    """Renders and tokenises a worker's prompts and observations for one tokenizer and env."""
+
+    def __init__(self, tokenizer: Any, env: Any) -> None:
+        self.tokenizer = tokenizer
+        self.env = env
+        # A private copy for plain-text encoding: switching special-token splitting on and off
+        # changes the Rust tokenizer's state, which the engine's thread may be reading to decode.
+        self._plain = copy.deepcopy(tokenizer)
+        self._assistant_end: str | None = None
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Template text: special-token strings become their special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Tool output: special-token strings are ordinary text."""
+        return list(self._plain.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_spans(self, ids: list[int], spans: list[Any]) -> list[str]:
+        return [self.tokenizer.decode(ids[s.start:s.end]) for s in spans]
+
+    def render_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+        ))
+
+    # -- chat-template pieces ----------------------------------------------------------------
+
+    def render_suffix(self, messages: list[dict[str, str]]) -> str:
+        """The template's text for ``messages`` plus the next assistant prompt, as it would follow
+        an earlier conversation (rendered after a fixed system message, which is then cut off)."""
+        base = [{"role": "system", "content": "x"}]
+        head = self.tokenizer.apply_chat_template(base, tokenize=False)
+        full = self.tokenizer.apply_chat_template(base + messages, tokenize=False, add_generation_prompt=True)
+        if not full.startswith(head):
+            raise ValueError("the chat template does not render conversations incrementally")
+        return full[len(head):]
+
+    def assistant_end(self) -> str:
+        """What the template writes after an assistant message's content (e.g. ``<|im_end|>\\n``)."""
+        if self._assistant_end is None:
+            base = [{"role": "system", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
+            rendered = self.tokenizer.apply_chat_template(base, tokenize=False)
+            self._assistant_end = rendered[rendered.rindex("MARKER") + len("MARKER"):]
+        return self._assistant_end
+
+    def end_glue(self, finish_reason: str, last_id: int | None) -> str:
+        """The glue that closes an assistant turn. After a stop string it is the whole assistant end;
+        after an EOS token it is what the template writes past that token (``\\n`` after a sampled
+        ``<|im_end|>``), or the whole end when the EOS is another token (``<|endoftext|>``)."""
+        end = self.assistant_end()
+        if finish_reason != "eos" or last_id is None:
+            return end
+        eos_text = self.tokenizer.decode([last_id], skip_special_tokens=False)
+        return end[len(eos_text):] if eos_text and end.startswith(eos_text) else end
+
+    # -- observations ------------------------------------------------------------------------
+
+    def observation(self, texts: list[str], finish_reason: str, last_id: int | None, final: bool,
+                    budget: int | None) -> list[Piece] | None:
+        """The pieces that follow an assistant turn whose tool calls produced ``texts``, within
+        ``budget`` tokens (``None``: no limit). ``None`` when not even the wrappers fit."""
+        segments = self._xml_segments(texts, final) if self.env.action_format == "xml" else \
+            self._json_segments(texts, finish_reason, last_id, final)
+        pieces = [Piece(self.encode_plain(text) if kind == "content" else self.encode(text),
+                        "template" if kind == "glue" else "observation", kind == "content")
+                  for kind, text in segments]
+        if budget is None:
+            return [p for p in pieces if p.ids]
+        room = budget - sum(len(p.ids) for p in pieces if not p.content)
+        if room < 0:
+            return None
+        for piece in pieces:
+            if piece.content:
+                piece.ids = self._fit(piece.ids, room)
+                room -= len(piece.ids)
+        return [p for p in pieces if p.ids]
+
+    def _fit(self, ids: list[int], room: int) -> list[int]:
+        if len(ids) <= room:
+            return ids
+        marker = self.encode_plain(f"\n[... {len(ids) - room} tokens truncated ...]\n")
+        if room <= len(marker):
+            return ids[:room]
+        return ids[: room - len(marker)] + marker
+
+    def _xml_segments(self, texts: list[str], final: bool) -> list[tuple[str, str]]:
+        """``observation_template``'s text before and after ``{observation}`` are the wrappers."""
+        rendered = self.env.observation_template.format(observation=SENTINEL.format(0))
+        head, tail = rendered.split(SENTINEL.format(0))
+        if final:
+            tail += self.env.final_turn_message
+        return [("wrap", head), ("content", "\n".join(texts)), ("wrap", tail)]
+
+    def _json_segments(self, texts: list[str], finish_reason: str, last_id: int | None,
+                       final: bool) -> list[tuple[str, str]]:
+        """The assistant end glue, then the tool messages and the next assistant header rendered
+        by the template, with each tool message's content marked so it can be encoded apart."""
+        segments: list[tuple[str, str]] = [("glue", self.end_glue(finish_reason, last_id))]
+        extra = [{"role": "user", "content": self.env.final_turn_message}] if final else []
+
+        def messages(contents: list[str]) -> list[dict[str, str]]:
+            return [{"role": "tool", "content": c} for c in contents] + extra
+
+        marked = self.render_suffix(messages([SENTINEL.format(i) for i in range(len(texts))]))
+        real = self.render_suffix(messages(texts))
+        parts = SENTINEL_PATTERN.split(marked)  # wrapper, index, wrapper, index, ..., wrapper
+        for contents in (texts, [t.strip() for t in texts]):  # some templates trim the content
+            rebuilt = "".join(contents[int(p)] if i % 2 else p for i, p in enumerate(parts))
+            if rebuilt == real:
+                for i, part in enumerate(parts):
+                    segments.append(("content", contents[int(part)]) if i % 2 else ("wrap", part))
+                return segments
+        raise ValueError("the chat template changes tool message content in a way that cannot be located "
+                         "in its rendering; use a template that inserts message['content'] as it is")
