@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from agentrl.config import TrackingConfig
-from agentrl.trajectory import Trajectory
+from agentrl.trajectory import Trajectory, read_json_lines
 
 PLOTTED = (
     ("reward_mean", "train reward"),
@@ -179,8 +179,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The rows of a metrics file; a torn last line is skipped with a warning."""
+    return list(read_json_lines(path, json.loads, "a metrics row"))
 
 
 def plot_metrics(history: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:

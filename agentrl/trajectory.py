@@ -8,7 +8,8 @@ ever decoded and re-encoded. It round-trips losslessly through JSONL.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -228,12 +229,24 @@ def write_jsonl(trajectories: Iterable[Trajectory], path: str | Path, append: bo
 
 
 def read_jsonl(path: str | Path) -> Iterator[Trajectory]:
-    """Read trajectories written by :func:`write_jsonl`; a malformed line names its number."""
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    """Read trajectories written by :func:`write_jsonl`; a malformed line names its number, and a
+    torn last line (its writer was killed mid-line) is skipped with a warning."""
+    return read_json_lines(path, Trajectory.from_json, "a trajectory")
+
+
+def read_json_lines(path: str | Path, parse: Callable[[str], Any] = json.loads, what: str = "JSON") -> Iterator[Any]:
+    """``parse`` of each non-empty line. Only the last line of a file can lack its newline, so a
+    line that fails to parse without one is a torn write: warned about and skipped, never a crash.
+    Any other bad line is an error naming its number."""
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                yield Trajectory.from_json(line)
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a trajectory: {error}") from error
+                yield parse(raw.decode("utf-8"))
+            except (ValueError, TypeError) as error:  # UnicodeDecodeError is a ValueError
+                if not raw.endswith(b"\n"):
+                    warnings.warn(f"{path}:{number}: skipping a torn last line ({len(raw)} bytes; its writer "
+                                  "was interrupted)", stacklevel=2)
+                    return
+                raise ValueError(f"{path}:{number}: not {what}: {error}") from error

@@ -52,6 +52,7 @@ def view_records(records: list[dict[str, Any]], tokenizer: Any = None, source: s
             "id": record["id"], "group": record.get("group_id", ""), "source": source,
             "status": record.get("status", "ok"), "stop": record.get("stop_reason"), "reward": record.get("reward"),
             "answer": record.get("answer"), "version": record.get("policy_version", 0),
+            "error": record.get("metadata", {}).get("error"), "dropped": record.get("metadata", {}).get("dropped"),
             "prompt": prompt if prompt is not None else f"({len(record['prompt_ids'])} prompt tokens)",
             "spans": [{"role": s["role"], "turn": s["turn"], "version": s.get("policy_version"),
                        "tokens": s["end"] - s["start"], "text": text} for s, text in zip(spans, texts)],
@@ -126,6 +127,8 @@ main { padding: 12px 16px; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 4px; margin-right: 6px; font-size: 12px; background: #eee; }
 .s-ok { background: #d8f0d8; } .s-infra_error { background: #f6d0d0; } .s-truncated { background: #f5e6c4; }
 .s-format_error { background: #f1d6ef; }
+.s-engine_error, .s-template_error, .s-tool_error, .s-reward_error { background: #f6d0d0; }
+.reason { color: #8b1a1a; font-size: 12.5px; }
 .stream { white-space: pre-wrap; font: 12.5px/1.5 ui-monospace, monospace; border: 1px solid #eee; padding: 6px; }
 .assistant { background: #dcebff; color: #0b3d91; }
 .observation { background: #eee; color: #555; }
@@ -176,8 +179,11 @@ window.onerror = function (message, source, line) {
     meta.appendChild(el("span", "badge", "reward " + (t.reward === null ? "none" : t.reward)));
     meta.appendChild(el("span", "badge", "policy v" + t.version));
     meta.appendChild(el("span", "badge", t.model_tokens + "/" + t.tokens + " tokens trained"));
+    if (t.dropped) meta.appendChild(el("span", "badge s-infra_error", "group dropped"));
     if (t.source) meta.appendChild(el("span", "badge", t.source));
     box.appendChild(meta);
+    if (t.error) box.appendChild(el("div", "reason", t.status + ": " + t.error));
+    if (t.dropped) box.appendChild(el("div", "reason", "left out of the loss: " + t.dropped));
     if (t.answer !== null && t.answer !== undefined) box.appendChild(el("div", null, "answer: " + t.answer));
     var prompt = el("details");
     prompt.appendChild(el("summary", null, "prompt"));

@@ -145,3 +145,17 @@ def test_a_chat_template_that_cannot_render_a_tool_message_is_a_template_error(t
     statuses = sorted({(t.group_id, t.status) for t in batch.trajectories})
     assert statuses == [("a", "template_error"), ("b", "ok")]
     assert all("no tool role" in t.metadata["error"] for t in batch.trajectories if t.group_id == "a")
+
+
+def test_the_viewer_shows_a_failed_trajectory_s_status_and_reason(tokenizer):
+    from agentrl.viewer import render_html, view_records
+
+    worker = faulty_worker(tokenizer, group_retries=0)
+    batch = asyncio.run(worker.run_batch(tasks(worker.env, ["engine-fails"])))
+    views = view_records([t.to_dict() for t in batch.trajectories])
+    failed = [v for v in views if v["status"] == "engine_error"]
+    assert len(failed) == 1 and "maximum context length" in failed[0]["error"]
+    assert all(v["dropped"] for v in views)
+    page = render_html(views)
+    assert ".s-engine_error" in page and '"error": "EngineRequestError: ' in page
+    assert 'el("div", "reason", t.status + ": " + t.error)' in page

@@ -77,6 +77,36 @@ def _write_pointer(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
+def save_final_model(model, tokenizer, output_dir: str | Path, name: str = "model") -> Path:
+    """Write the final weights and tokenizer to ``output_dir/name`` atomically.
+
+    They go to a staging directory, are fsynced, and only then replace the previous final model
+    (renamed aside first, removed last), so a process killed at any point leaves a complete model:
+    the old one or the new one (or, only between the two renames, the old one under ``.name-old-*``,
+    which the next save puts back)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    for stale in root.glob(f".{name}-new-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(f".{name}-old-*"):
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # killed between the two renames: the old model is the complete one
+            os.replace(old, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-new-", dir=root))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    _fsync_tree(staging)
+    aside = root / f".{name}-old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(staging, target)
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
 def rng_states() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
 

@@ -31,6 +31,7 @@ from agentrl.trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    save_final_model,
 )
 from agentrl.trajectory import Trajectory
 
@@ -430,8 +431,7 @@ def train(config: RunConfig, model=None, tokenizer=None, console=None) -> Traine
             if config.trainer.save_every and (step % config.trainer.save_every == 0 or step == config.trainer.steps):
                 save(run, tracker)
         if run.state.step == config.trainer.steps:
-            run.model.save_pretrained(output_dir / "model")
-            run.tokenizer.save_pretrained(output_dir / "model")
+            save_final_model(run.model, run.tokenizer, output_dir)
     finally:
         tracker.finish()
         close_run(run)

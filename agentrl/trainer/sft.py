@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from agentrl.trainer.batching import collate, forward_response
+from agentrl.trainer.checkpoint import save_final_model
 from agentrl.trajectory import Trajectory
 
 Messages = list[dict[str, Any]]
@@ -270,8 +271,7 @@ def run_sft(config, console=None) -> dict[str, float]:
         if config.trainer.eval_before:
             metrics.update(evaluate(run))
         tracker.log(0, metrics)
-        run.model.save_pretrained(Path(config.output_dir) / "model")
-        run.tokenizer.save_pretrained(Path(config.output_dir) / "model")
+        save_final_model(run.model, run.tokenizer, config.output_dir)
     finally:
         tracker.finish()
         close_run(run)
