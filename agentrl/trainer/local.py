@@ -136,10 +136,12 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
                train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference)
 
 
-def next_tasks(run: Run) -> list[Any]:
-    """The next ``prompts_per_step`` tasks of the training stream: the rows in a seeded random order,
-    reshuffled every epoch, so that a data position alone says where a resumed run continues."""
-    rows, count = run.train_rows, run.config.trainer.prompts_per_step
+def next_tasks(run: Run, count: int | None = None) -> list[Any]:
+    """The next ``count`` (default ``prompts_per_step``) tasks of the training stream: the rows in a
+    seeded random order, reshuffled every epoch, so that a data position alone says where a resumed
+    run continues."""
+    rows = run.train_rows
+    count = run.config.trainer.prompts_per_step if count is None else count
     if not rows:
         raise ValueError("the training split is empty; set env.train_data")
     tasks = []
@@ -161,9 +163,11 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
     config, step = run.config, run.state.step + 1
     started = time.perf_counter()
     run.model.eval()
-    rollout = run.loop.run_until_complete(run.worker.run_batch(next_tasks(run), seed=(config.trainer.seed * 10_000 + step) * 1_000))
+    rollout, new_tasks = run.loop.run_until_complete(collect(run, step))
     trajectories = rollout.trajectories
     metrics = {**rollout.metrics, **tool_use_metrics(trajectories), "time/rollout_s": time.perf_counter() - started}
+    if config.rollout.partial.enabled:
+        metrics["partial/new_tasks"] = float(new_tasks)
 
     trainable = [t for t in trajectories if t.trainable and t.reward is not None]
     batch = collate(trainable, run.tokenizer.pad_token_id, run.engine.policy_version) if trainable else None
@@ -185,11 +189,24 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
         # optimizer step, torch would warn that the order looks wrong).
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         run.scheduler.step()
-    run.engine.update_weights()  # the engine shares the module: the next rollout samples the new policy
+    if "update/skipped" not in metrics:  # a skipped update leaves the policy as it was: nothing turns stale
+        run.engine.update_weights()  # the engine shares the module: the next rollout samples the new policy
     metrics["time/update_s"] = time.perf_counter() - update_started
     metrics["time/step_s"] = time.perf_counter() - started
     metrics["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return metrics, trajectories
+
+
+async def collect(run: Run, step: int):
+    """The step's rollout and how many new tasks it drew. With partial rollouts (APRIL) the pool is
+    over-provisioned (the carried groups plus new tasks up to ``over_provision * prompts_per_step``),
+    the step ends once ``prompts_per_step`` groups are complete and the rest carry into the next step."""
+    seed = (run.config.trainer.seed * 10_000 + step) * 1_000
+    if not run.config.rollout.partial.enabled:
+        return await run.worker.run_batch(next_tasks(run), seed=seed), run.config.trainer.prompts_per_step
+    target = run.config.trainer.prompts_per_step
+    tasks = next_tasks(run, run.worker.partial.tasks_needed(target))
+    return await run.worker.run_batch(tasks, seed=seed, target_groups=target), len(tasks)
 
 
 def release_memory() -> None:
@@ -317,6 +334,7 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
         "advantage/abs_mean": float(adv.masked_mean(advantages.abs(), loss_mask)),
     }
     mismatch = [0.0, 0.0]  # |pi_old - mu| over the fresh model tokens (first epoch), and their count
+    stale_weights = [0.0, 0.0]  # the loss's importance weights summed over stale tokens (first epoch), their count
     sums: dict[str, float] = {}
     generator = torch.Generator().manual_seed(config.trainer.seed * 100_003 + step)
     run.model.train()
@@ -345,6 +363,9 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                     mismatch[0] += float(((old_sub - sampling).abs() * fresh).sum())
                     mismatch[1] += float(fresh.sum())
                 is_weights = losses.stale_importance_weights(old_sub, sampling, stale, algo.stale_is_cap)
+                if epoch == 0:
+                    stale_weights[0] += float((is_weights * stale * mask).sum())
+                    stale_weights[1] += float((stale * mask).sum())
                 token_loss, clipped = policy_token_loss(out.logprobs, old_sub, cut(advantages), mask, algo, generator)
                 policy_loss = losses.aggregate_loss(token_loss * is_weights, mask, algo.loss_agg, **totals)
                 loss = policy_loss
@@ -370,6 +391,8 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     run.model.eval()
     metrics.update({key: value / updates for key, value in sums.items()})
     metrics["rollout/logprob_mismatch"] = mismatch[0] / max(mismatch[1], 1.0)
+    if stale_weights[1]:
+        metrics["rollout/stale_is_weight_mean"] = stale_weights[0] / stale_weights[1]
     metrics["lr"] = run.optimizer.param_groups[0]["lr"]
     metrics["update/trajectories"] = float(batch.size)
     return metrics
