@@ -8,6 +8,7 @@ key, the value and the expected type.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -316,5 +317,31 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return build_config(data, overrides)
 
 
-def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+SECRET_NAME_ENDINGS = ("token", "key", "secret", "password", "passwd", "credential", "credentials")
+REDACTED = "<redacted>"
+
+
+def is_secret_name(name: str) -> bool:
+    """``server_token``, ``api_key``, ``HF_TOKEN``, ``apiKey``, ``db_password``, ``client_secret``;
+    not ``tokenizer`` or ``max_new_tokens``."""
+    lowered = str(name).lower()
+    return lowered.endswith(SECRET_NAME_ENDINGS) or any(
+        part in SECRET_NAME_ENDINGS for part in re.split(r"[^a-z0-9]+", lowered))
+
+
+def redact_secrets(data: Any) -> Any:
+    """A copy of ``data`` with every non-empty string under a secret-looking name replaced by
+    ``<redacted>``, at any depth (tool options, environment maps), for what leaves the process:
+    the run's config.yaml, printed configs and trackers."""
+    if isinstance(data, dict):
+        return {key: REDACTED if is_secret_name(key) and isinstance(value, str) and value
+                else redact_secrets(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [redact_secrets(item) for item in data]
+    return data
+
+
+def dump_config(config: RunConfig, redact: bool = True) -> str:
+    """The config as YAML; secrets are redacted unless ``redact=False``."""
+    data = config.model_dump(mode="json")
+    return yaml.safe_dump(redact_secrets(data) if redact else data, sort_keys=False)

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from agentrl.config import TrackingConfig
+from agentrl.config import TrackingConfig, redact_secrets
 from agentrl.trajectory import Trajectory, read_json_lines
 
 PLOTTED = (
@@ -47,7 +47,8 @@ class Tracker:
         with self.metrics_path.open("w", encoding="utf-8") as handle:
             for row in self.history:
                 handle.write(json.dumps(row, allow_nan=True) + "\n")
-        self._backends = self._open_backends(run_config or {})
+        self.run_config = redact_secrets(run_config or {})  # what trackers see: never a token or key
+        self._backends = self._open_backends(self.run_config)
         self._started = time.monotonic()
         self._first_step = self.history[-1]["step"] if self.history else 0
         self._progress = None

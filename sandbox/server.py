@@ -1,11 +1,14 @@
 """The sandbox server, speaking SandboxFusion's ``POST /run_code`` so that existing SandboxFusion
 clients (verl's, SPEAR's) work against it unchanged.
 
-Request: ``code``, ``language`` (``python``), ``run_timeout``, ``memory_limit_MB``, ``stdin``,
-``files`` (name -> base64). Response: ``status`` (``Success`` / ``Failed`` / ``SandboxError``),
-``message``, ``compile_result`` (null), ``run_result`` {``status`` (``Finished`` /
-``TimeLimitExceeded`` / ``Error``), ``execution_time``, ``return_code``, ``stdout``, ``stderr``},
-``files``. As in SandboxFusion, a program that ran to its end is ``Finished`` whatever its exit
+Request: ``code``, ``language`` (``python``, ``bash``, and ``nodejs``, ``perl`` where the host has
+them; anything else is refused naming the supported ones), ``run_timeout``, ``memory_limit_MB``
+(capped: above the cap the answer is 422), ``stdin``, ``files`` (name -> base64), ``fetch_files``
+(work-directory files to return, 16 MiB in all). Response: ``status`` (``Success`` / ``Failed`` /
+``SandboxError``), ``message`` (names each requested file not returned, and why),
+``compile_result`` (null), ``run_result`` {``status`` (``Finished`` / ``TimeLimitExceeded`` /
+``Error``), ``execution_time``, ``return_code``, ``stdout``, ``stderr``}, ``files`` (name ->
+base64). The memory limits of the executions admitted at once never exceed the memory budget. As in SandboxFusion, a program that ran to its end is ``Finished`` whatever its exit
 code (the top-level status is then ``Failed`` when that code is not 0); ``Error`` means it could not
 be run. At most ``workers`` executions run at once and ``queue`` more wait; beyond that the
 answer is HTTP 429, so a burst never grows memory without bound. ``/health`` and ``/metrics`` are
@@ -16,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -42,13 +46,15 @@ class RunCodeRequest(BaseModel):
     language: str = "python"
     compile_timeout: float = 10.0
     run_timeout: float = Field(10.0, gt=0, le=300)
-    memory_limit_MB: int = Field(-1, ge=-1, le=16384)  # -1 (SandboxFusion's default): the server's default
+    memory_limit_MB: int = Field(-1, ge=-1, le=1 << 30)  # -1 (SandboxFusion's default): the server's default
     stdin: str | None = None
     files: dict[str, str | None] = {}
     fetch_files: list[str] = []
 
 
 def run_code_response(result, error: str | None = None) -> dict[str, Any]:
+    """SandboxFusion's response; ``files`` holds the fetched files (base64), and ``message`` names
+    each requested file that was not returned, with the reason."""
     if error is not None:
         return {"status": "SandboxError", "message": error, "compile_result": None, "run_result": None, "files": {}}
     if result.timed_out:
@@ -59,7 +65,7 @@ def run_code_response(result, error: str | None = None) -> dict[str, Any]:
         run_status = "Finished"
     return {
         "status": "Success" if run_status == "Finished" and result.return_code == 0 else "Failed",
-        "message": "",
+        "message": "; ".join(f"{name}: {reason}" for name, reason in result.files_missing.items()),
         "compile_result": None,
         "run_result": {
             "status": run_status,
@@ -68,14 +74,24 @@ def run_code_response(result, error: str | None = None) -> dict[str, Any]:
             "stdout": result.stdout,
             "stderr": result.stderr,
         },
-        "files": {},
+        "files": result.files,
     }
 
 
+def host_memory_mb() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
 def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str | None = None,
-               max_body_bytes: int = 16 * 1024 * 1024) -> FastAPI:
+               max_body_bytes: int = 16 * 1024 * 1024, memory_budget_mb: int | None = None,
+               max_memory_mb: int = 4096) -> FastAPI:
+    """``memory_budget_mb`` (half the host's memory by default) bounds the sum of the memory limits
+    of the executions admitted at once (running or queued); a request that does not fit gets 429.
+    ``max_memory_mb`` caps one request's ``memory_limit_MB``; above it the answer is 422."""
     slots = asyncio.Semaphore(workers)
-    admitted = {"count": 0}
+    admitted = {"count": 0, "memory_mb": 0}
+    budget_mb = memory_budget_mb if memory_budget_mb is not None else host_memory_mb() // 2
+    cap_mb = min(max_memory_mb, budget_mb)
     registry = CollectorRegistry()
     runs = Counter("agentrl_sandbox_runs", "Executions by outcome", ["status"], registry=registry)
     rejected = Counter("agentrl_sandbox_rejected", "Requests refused with 429", registry=registry)
@@ -102,29 +118,41 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str |
 
     @app.post("/run_code")
     async def run_code(request: RunCodeRequest):
-        if request.language not in ("python", "python3"):
-            return run_code_response(None, f"language {request.language!r} is not supported; use python")
+        language = "python" if request.language == "python3" else request.language
+        if language not in backend.languages():
+            return run_code_response(None, f"language {request.language!r} is not supported here; supported: "
+                                           f"{', '.join(backend.languages())}")
+        memory_mb = request.memory_limit_MB if request.memory_limit_MB > 0 else min(DEFAULT_MEMORY_MB, cap_mb)
+        if memory_mb > cap_mb:
+            return JSONResponse({"status": "SandboxError", "message": f"memory_limit_MB {memory_mb} is over this server's "
+                                 f"cap of {cap_mb} MB; ask for at most {cap_mb}"}, status_code=422)
         if admitted["count"] >= workers + queue:
             rejected.inc()
             return JSONResponse({"status": "SandboxError", "message": "the sandbox queue is full; retry later"},
+                                status_code=429, headers={"Retry-After": "1"})
+        if admitted["memory_mb"] + memory_mb > budget_mb:
+            rejected.inc()
+            return JSONResponse({"status": "SandboxError", "message": f"the sandbox's memory budget of {budget_mb} MB "
+                                 "is granted to executions in progress; retry later"},
                                 status_code=429, headers={"Retry-After": "1"})
         try:
             files = {name: base64.b64decode(data, validate=True) for name, data in request.files.items() if data is not None}
         except (binascii.Error, ValueError):
             return run_code_response(None, "files must be base64-encoded")
         admitted["count"] += 1
+        admitted["memory_mb"] += memory_mb
         try:
             async with slots:
                 started = time.perf_counter()
-                memory_mb = request.memory_limit_MB if request.memory_limit_MB > 0 else DEFAULT_MEMORY_MB
                 result = await asyncio.to_thread(backend.run, request.code, request.stdin or "", files,
-                                                 request.run_timeout, memory_mb)
+                                                 request.run_timeout, memory_mb, language, request.fetch_files)
                 latency.observe(time.perf_counter() - started)
         except Exception as error:  # the backend failed, not the code
             runs.labels("SandboxError").inc()
             return run_code_response(None, f"{type(error).__name__}: {error}")
         finally:
             admitted["count"] -= 1
+            admitted["memory_mb"] -= memory_mb
         if result.sandbox_error:
             runs.labels("SandboxError").inc()
             return run_code_response(None, result.sandbox_error)

@@ -118,3 +118,54 @@ def test_python_tool_with_json_calls_through_the_server(server):
     text = '<tool_call>{"name": "python", "arguments": {"code": "print(sum(range(10)))"}}</tool_call>'
     (result,) = run_turn(text, {"server_url": server}, fmt="json")
     assert result.status == "ok" and result.observation.text == "45"
+
+
+def test_memory_limits_granted_at_once_stay_within_the_budget():
+    app = create_app(get_backend("bwrap", pool_size=2), workers=4, queue=4, memory_budget_mb=1024)
+    with serve_app(app) as url:
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as client:
+                requests = [client.post(f"{url}/run_code", json={"code": "import time; time.sleep(1.5)", "run_timeout": 10,
+                                                                 "memory_limit_MB": 512}) for _ in range(4)]
+                return await asyncio.gather(*requests)
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200, 429, 429], codes  # 2 x 512 MB fill the 1024 MB budget
+        refused = next(r for r in responses if r.status_code == 429)
+        assert "memory" in refused.json()["message"] and refused.headers["Retry-After"]
+        after = httpx.post(f"{url}/run_code", json={"code": "print(1)", "memory_limit_MB": 1024}, timeout=30)
+        assert after.json()["run_result"]["stdout"] == "1\n"  # the grants were given back
+
+
+def test_memory_limit_above_the_cap_is_refused_naming_the_cap():
+    app = create_app(get_backend("bwrap", pool_size=1), workers=1, queue=1, memory_budget_mb=8192, max_memory_mb=2048)
+    with serve_app(app) as url:
+        refused = httpx.post(f"{url}/run_code", json={"code": "print(1)", "memory_limit_MB": 16384}, timeout=30)
+        assert refused.status_code == 422 and "2048" in refused.json()["message"]
+        assert httpx.post(f"{url}/run_code", json={"code": "print(1)", "memory_limit_MB": 2048}, timeout=30).status_code == 200
+
+
+def test_bash_and_the_other_installed_languages(server):
+    bash = httpx.post(f"{server}/run_code", json={"code": "read x; echo $((x * 2)) $(cat in.txt)", "language": "bash",
+                                                  "stdin": "21\n", "files": {"in.txt": base64.b64encode(b"ok").decode()}},
+                      timeout=30).json()
+    assert bash["status"] == "Success" and bash["run_result"]["stdout"] == "42 ok\n", bash
+    failed = httpx.post(f"{server}/run_code", json={"code": "exit 3", "language": "bash"}, timeout=30).json()
+    assert failed["status"] == "Failed" and failed["run_result"]["return_code"] == 3
+    if shutil.which("node"):
+        node = httpx.post(f"{server}/run_code", json={"code": "console.log(6 * 7)", "language": "nodejs"}, timeout=60).json()
+        assert node["run_result"]["stdout"] == "42\n", node
+    refused = httpx.post(f"{server}/run_code", json={"code": "x", "language": "cobol"}, timeout=30).json()
+    assert refused["status"] == "SandboxError" and "python" in refused["message"] and "bash" in refused["message"]
+
+
+def test_fetch_files_returns_the_requested_files_within_a_bound(server):
+    code = "open('out.txt', 'w').write('result')\nimport os\nos.makedirs('d')\nopen('d/big', 'wb').write(b'x' * (20 << 20))"
+    body = httpx.post(f"{server}/run_code", json={"code": code, "fetch_files": ["out.txt", "missing.txt", "../etc/x", "d/big"]},
+                      timeout=60).json()
+    assert body["status"] == "Success", body
+    assert body["files"] == {"out.txt": base64.b64encode(b"result").decode()}
+    for name in ("missing.txt", "../etc/x", "d/big"):
+        assert name in body["message"]  # each file not returned is named, with the reason
+    assert "limit" in body["message"]

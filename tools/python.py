@@ -57,14 +57,17 @@ class PythonTool(Tool):
         """
         timeout = float(self.options.get("timeout_s", 10.0))
         memory_mb = int(self.options.get("memory_mb", 512))
-        if self.server_url:
-            result = await self._remote(code, timeout, memory_mb)
-        elif self.options.get("session", False):
-            if self.session is None:
-                self.session = self.backend.session(memory_mb)
-            result = await asyncio.to_thread(self.session.run, code, timeout)
-        else:
-            result = await asyncio.to_thread(self.backend.run, code, "", None, timeout, memory_mb)
+        try:
+            if self.server_url:
+                result = await self._remote(code, timeout, memory_mb)
+            elif self.options.get("session", False):
+                if self.session is None:
+                    self.session = self.backend.session(memory_mb)
+                result = await asyncio.to_thread(self.session.run, code, timeout)
+            else:
+                result = await asyncio.to_thread(self.backend.run, code, "", None, timeout, memory_mb)
+        except SandboxUnavailable as error:  # no worker could start or became free: not the model's fault
+            raise InfraError(str(error)) from None
         if result.sandbox_error:
             raise InfraError(result.sandbox_error)
         return result.for_model()
