@@ -122,6 +122,8 @@ def test_the_group_filter_keeps_the_75_percent_of_groups_with_the_largest_std_tr
     assert kept.tolist() == sorted(kept.tolist())
     assert metrics["drbot/group_std"] == pytest.approx((0.5 + 0 + 0.75**0.5 + 0.5) / 4)
     assert metrics["drbot/kept_group_std"] == pytest.approx((0.5 + 0.75**0.5 + 0.5) / 3)
+    whole, _ = group_std_filter(REWARDS, GROUPS, 0.75, trim_to_power_of_two=False)
+    assert whole.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]  # the math recipe: whole groups
 
 
 def test_ties_in_group_std_go_to_the_group_seen_first():

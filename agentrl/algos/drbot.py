@@ -189,7 +189,7 @@ def largest_power_of_two_at_most(count: int) -> int:
 
 def group_std_filter(
     rewards: Tensor, group_ids: Tensor | Sequence[object], keep_ratio: float = 0.75,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, trim_to_power_of_two: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """Dr.BoT's rollout filter (``ray_trainer.py::_filter_rollout``, type ``std``).
 
@@ -198,6 +198,8 @@ def group_std_filter(
        first wins, as Python's stable sort there).
     3. Of their rows, a uniformly random subset of ``2^floor(log2 n)`` rows (seeded by
        ``generator``) is kept, so the batch splits evenly; a group may lose some of its rows.
+       (verl-agent trims because its rows are environment turns, uneven in number per group; the
+       math recipe's copy keeps the chosen groups whole: ``trim_to_power_of_two=False``.)
 
     Returns the sorted indices of the kept rows and metrics (the mean std before and after).
     """
@@ -221,7 +223,7 @@ def group_std_filter(
                          "raise it or sample more groups per step")
     chosen = sorted(members, key=lambda key: stds[key], reverse=True)[:keep_groups]
     rows = torch.tensor(sorted(row for key in chosen for row in members[key]), dtype=torch.long)
-    keep = largest_power_of_two_at_most(rows.numel())
+    keep = largest_power_of_two_at_most(rows.numel()) if trim_to_power_of_two else rows.numel()
     kept = rows[torch.randperm(rows.numel(), generator=generator)[:keep]].sort().values
     metrics["drbot/kept_group_std"] = sum(stds[key] for key in chosen) / keep_groups
     metrics["drbot/kept_rows"] = float(kept.numel())
