@@ -192,8 +192,12 @@ def test_add_rejects_tensors_that_do_not_match_the_trajectories():
     with pytest.raises(ValueError, match="must agree"):
         buffer.add(1, [make_trajectory("t", "g")], torch.ones(2), torch.ones(2), torch.zeros(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="response tokens"):
-        buffer.add(1, [make_trajectory("t", "g", tokens=5)], torch.ones(1), torch.ones(1), torch.zeros(1, 3),
+        buffer.add(1, [make_trajectory("ok", "g"), make_trajectory("long", "g", tokens=5)], torch.ones(2),
+                   torch.ones(2), torch.zeros(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="finite"):
+        buffer.add(1, [make_trajectory("t", "g")], torch.tensor([float("nan")]), torch.ones(1), torch.zeros(1, 3),
                    torch.ones(1, 3))
+    assert len(buffer) == 0 and buffer.memory.size == 0  # nothing half-stored
 
 
 # -- trigger -------------------------------------------------------------------------------------

@@ -308,7 +308,9 @@ class ReplayBatch:
 
     ``trajectories`` give the token ids (collate them as any batch); ``old_logprobs`` and
     ``loss_masks`` index ``response_ids`` row by row (:meth:`token_tensors` pads them the way
-    ``collate`` pads responses); ``advantages`` are the recalibrated ``A~ >= 0`` per row.
+    ``collate`` pads responses); ``advantages`` are the recalibrated ``A~ >= 0`` per row. Train
+    with the stored loss mask (the trainer's mask at collection, after the Dr.BoT masks), not the
+    trajectory's own.
     """
 
     trajectories: list[Trajectory]
@@ -389,6 +391,12 @@ class ReplayBuffer:
                              f"{tuple(old_logprobs.shape)}, loss mask {tuple(loss_mask.shape)}: they must agree")
         if advantages.shape not in ((rows,), tuple(loss_mask.shape)):
             raise ValueError(f"advantages {tuple(advantages.shape)} must be ({rows},) or {tuple(loss_mask.shape)}")
+        if not bool(torch.isfinite(rewards).all()):
+            raise ValueError("rewards must be finite: a NaN or inf would poison the baseline memory's median")
+        for trajectory in trajectories:  # checked before anything changes, so a bad call loses nothing
+            if len(trajectory.response_ids) > loss_mask.shape[1]:
+                raise ValueError(f"trajectory {trajectory.id} has {len(trajectory.response_ids)} response tokens; "
+                                 f"the tensors only {loss_mask.shape[1]}")
         self.drop_stale(step)
         means, stds = group_statistics(rewards.tolist(), [t.group_id for t in trajectories])
         self.memory.record(step, means, stds)
@@ -398,8 +406,6 @@ class ReplayBuffer:
         added = 0
         for row, trajectory in enumerate(trajectories):
             width = len(trajectory.response_ids)
-            if width > loss_mask.shape[1]:
-                raise ValueError(f"trajectory {trajectory.id} has {width} response tokens; the tensors only {loss_mask.shape[1]}")
             mask = loss_mask[row, :width]
             if float(row_advantage[row]) <= 0 or not bool((mask > 0).any()):
                 continue
