@@ -199,6 +199,22 @@ def test_distractors_are_seeded_drawn_from_others_and_shuffled_with_the_own_bloc
     assert len(rag_documents(own, OTHERS, 0, CITY, random.Random(0))) == 2
 
 
+def test_the_rag_check_runs_on_the_hf_engine(tiny_model, tokenizer):
+    from agentrl.engines.base import SamplingParams
+    from agentrl.engines.hf import HFEngine
+
+    async def run():
+        engine = HFEngine(tiny_model, tokenizer)
+        try:
+            return await rag_check(engine, tokenizer, QUESTION, CITY, [block(COMPANY), block(FOUNDER)],
+                                   SamplingParams(max_new_tokens=8, temperature=0.0, stop=["</answer>"]))
+        finally:
+            await engine.close()
+
+    result = asyncio.run(run())  # a random tiny model writes no answer tag: rejected, not crashed
+    assert not result.passed and result.reason == "rag_wrong_answer"
+
+
 class BrokenEngine:
     async def generate(self, prompt_ids, params):
         raise RuntimeError("the inference server went away")
