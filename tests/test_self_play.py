@@ -52,6 +52,7 @@ from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.executor import ToolExecutor
 from agentrl.rollout import RolloutWorker
 from agentrl.trainer.sft import chat_to_trajectory
+from agentrl.trajectory import ToolCallRecord, Trajectory
 from tests.helpers.scripted import ScriptedEngine
 from tests.helpers.servers import serve_app
 
@@ -151,6 +152,25 @@ def test_documents_come_only_from_tool_output_and_queries_from_executed_searches
     with pytest.raises(ValueError, match="pass the tokenizer"):
         proposer_output(trajectory)
     assert proposer_output(trajectory, tokenizer).documents == output.documents
+
+
+def test_a_turn_with_an_error_or_another_tool_gives_no_evidence():
+    trajectory = Trajectory(id="t", group_id="g", prompt_ids=[1])
+    pieces = [("assistant", 0, "<search> a </search>"), ("observation", 0, f"<information>{block(COMPANY)}</information>"),
+              ("assistant", 1, "<search> b </search><search> c </search>"),
+              ("observation", 1, f"<information>{block(FOUNDER)}\nError: the retriever rejected {CITY}</information>"),
+              ("assistant", 2, "<python> print('x') </python>"), ("observation", 2, f"<information>{CITY}</information>")]
+    for role, turn, _ in pieces:
+        if role == "assistant":
+            trajectory.append_model_tokens([5], [0.0], turn, 0)
+        else:
+            trajectory.append_observation_tokens([6], turn)
+    trajectory.metadata["span_text"] = [text for _, _, text in pieces]
+    trajectory.tool_calls = [ToolCallRecord("search", {"query": "a"}, 0), ToolCallRecord("search", {"query": "b"}, 1),
+                             ToolCallRecord("search", {"query": "c"}, 1, "error", error="rejected"),
+                             ToolCallRecord("python", {"code": "print('x')"}, 2)]
+    output = proposer_output(trajectory)
+    assert output.documents == [block(COMPANY)] and output.queries == ["a", "b"]
 
 
 # -- the RAG check ---------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ NO_RESULTS = "No results."
 class ProposerOutput:
     """What a proposer trajectory holds, each part from where the policy cannot forge it: ``text`` is
     the policy's own turns (assistant spans); ``queries`` the searches that ran (the rollout's tool-call
-    records, status ``ok``); ``documents`` the tool output blocks (observation spans of those turns)."""
+    records, status ``ok``); ``documents`` the tool output blocks (observation spans of turns whose
+    every call was a successful search)."""
 
     text: str
     queries: list[str] = field(default_factory=list)
@@ -140,7 +141,10 @@ def proposer_output(trajectory: Trajectory, tokenizer: Any = None, search_tool: 
         if tokenizer is None:
             raise ValueError(f"trajectory {trajectory.id} has no span_text; pass the tokenizer to decode its spans")
         texts = [tokenizer.decode(trajectory.response_ids[s.start:s.end]) for s in trajectory.turns]
+    # A turn's tool output is evidence only if every call of that turn was a search that succeeded:
+    # an error message or another tool's output can echo text the policy wrote.
     searched = {c.turn for c in trajectory.tool_calls if c.tool == search_tool and c.status == "ok"}
+    searched -= {c.turn for c in trajectory.tool_calls if c.tool != search_tool or c.status != "ok"}
     own, documents = [], []
     for span, text in zip(trajectory.turns, texts):
         if span.role == "assistant":
