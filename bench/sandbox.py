@@ -4,9 +4,10 @@ isolation (namespaces, seccomp, rlimits, tmpfs); the fresh method starts bwrap +
 
     .venv/bin/python bench/sandbox.py [--calls 200] [--concurrency 2]
 
-``--compare-with DIR`` measures only the warm pool, alternating between this checkout's sandbox
-and the one in DIR (e.g. ``git worktree add /tmp/sb-old <commit>``, then ``/tmp/sb-old/sandbox``),
-each in its own process, ``--repeats`` times, and prints the throughput ratio of each pair.
+``--compare-with DIR`` measures only the warm pool: this checkout's sandbox against the one in DIR
+(e.g. ``git worktree add /tmp/sb-old <commit>``, then ``/tmp/sb-old/sandbox``), each held warm in
+its own process and measured in alternating blocks of ``--calls`` calls for ``--repeats`` rounds,
+and prints the throughput ratio of adjacent blocks.
 """
 
 from __future__ import annotations
@@ -65,36 +66,54 @@ def measure(method, backend, code, calls, concurrency) -> tuple[float, float, fl
     return calls / elapsed, cuts[49] * 1e3, cuts[98] * 1e3
 
 
-def pool_only(calls: int, concurrency: int) -> dict[str, list[float]]:
+def serve(concurrency: int) -> None:
+    """Hold a warm pool; for each line ``<case> <calls>`` on stdin, measure and answer in JSON."""
     backend = BwrapBackend(pool_size=concurrency)
     try:
         for code in CASES.values():
-            for _ in range(10):
+            for _ in range(20):
                 pooled_run(backend, code)
-        return {name: list(measure(pooled_run, backend, code, calls, concurrency)) for name, code in CASES.items()}
+        print("ready", flush=True)
+        for line in sys.stdin:
+            name, calls = line.split()
+            print(json.dumps(measure(pooled_run, backend, CASES[name], int(calls), concurrency)), flush=True)
     finally:
         backend.close()
 
 
 def compare(directory: str, calls: int, concurrency: int, repeats: int) -> None:
-    """Old and new warm pools, interleaved so both see the same machine load."""
-    print(f"warm pool, {calls} calls per row, {concurrency} at a time; baseline: {directory}")
-    print(f"{'repeat':<8}{'code':<9}{'baseline runs/s':>16}{'this runs/s':>13}{'ratio':>8}{'p50 ms':>14}")
-    ratios: dict[str, list[float]] = {name: [] for name in CASES}
-    for repeat in range(repeats):
-        figures = {}
-        for label, extra in (("baseline", ["--sandbox-dir", directory]), ("this", [])):
-            output = subprocess.run([sys.executable, __file__, "--pool-only", "--calls", str(calls), "--concurrency",
-                                     str(concurrency), *extra], capture_output=True, text=True, check=True).stdout
-            figures[label] = json.loads(output.splitlines()[-1])
+    """The baseline's warm pool and this one, each held warm in its own process, measured in
+    alternating blocks of ``calls`` calls (the order flips every round) so both see the same
+    machine load; the ratio is taken per adjacent pair."""
+    processes = {}
+    for label, extra in (("baseline", ["--sandbox-dir", directory]), ("this", [])):
+        processes[label] = subprocess.Popen([sys.executable, __file__, "--serve", "--concurrency", str(concurrency), *extra],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert processes[label].stdout.readline().strip() == "ready"
+
+    def block(label: str, name: str) -> tuple[float, float, float]:
+        processes[label].stdin.write(f"{name} {calls}\n")
+        processes[label].stdin.flush()
+        return tuple(json.loads(processes[label].stdout.readline()))
+
+    print(f"warm pool, blocks of {calls} calls, {concurrency} at a time, {repeats} rounds; baseline: {directory}")
+    try:
         for name in CASES:
-            old, new = figures["baseline"][name], figures["this"][name]
-            ratios[name].append(new[0] / old[0])
-            print(f"{repeat:<8}{name:<9}{old[0]:>16.1f}{new[0]:>13.1f}{new[0] / old[0]:>8.2f}"
-                  f"{old[1]:>7.1f}/{new[1]:<6.1f}")
-    for name, values in ratios.items():
-        print(f"{name}: this/baseline throughput {min(values):.2f} to {max(values):.2f} "
-              f"(median {statistics.median(values):.2f}) over {repeats} pairs")
+            ratios, rates = [], {"baseline": [], "this": []}
+            for round_ in range(repeats):
+                order = ("baseline", "this") if round_ % 2 == 0 else ("this", "baseline")
+                figures = {label: block(label, name) for label in order}
+                for label in rates:
+                    rates[label].append(figures[label][0])
+                ratios.append(figures["this"][0] / figures["baseline"][0])
+            print(f"{name:<8} baseline {statistics.median(rates['baseline']):6.1f} runs/s "
+                  f"({min(rates['baseline']):.0f}-{max(rates['baseline']):.0f})   this {statistics.median(rates['this']):6.1f} "
+                  f"runs/s ({min(rates['this']):.0f}-{max(rates['this']):.0f})   ratio median {statistics.median(ratios):.2f} "
+                  f"(pairs {min(ratios):.2f}-{max(ratios):.2f})")
+    finally:
+        for process in processes.values():
+            process.stdin.close()
+            process.wait(timeout=60)
 
 
 def main() -> None:
@@ -102,12 +121,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--compare-with", metavar="DIR", help="another checkout's sandbox/ directory")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pool-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=10, help="rounds of --compare-with")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sandbox-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.pool_only:
-        print(json.dumps(pool_only(args.calls, args.concurrency)))
+    if args.serve:
+        serve(args.concurrency)
         return
     if args.compare_with:
         compare(args.compare_with, args.calls, args.concurrency, args.repeats)

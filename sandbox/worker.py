@@ -514,6 +514,12 @@ def main():
     global ROOT_MODE
     mode = sys.argv[1] if len(sys.argv) > 1 else "pool"
     memory_mb = int(sys.argv[2]) if len(sys.argv) > 2 else 512
+    try:  # if the host runs out of memory, the kernel kills sandboxes first, not the trainer (before
+        # protect_zygote: a non-dumpable process's /proc/self files belong to root)
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
+    except OSError:
+        pass
     protect_zygote()
     libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # outside a pid namespace, orphans still come here
     os.makedirs(WORK, exist_ok=True)

@@ -352,3 +352,12 @@ def test_a_clear_warning_when_uids_cannot_be_separated():
                             capture_output=True, text=True, timeout=60, cwd="/", env={**os.environ, "HOME": "/tmp"})
     assert result.stdout == "1\n", result.stderr
     assert re.search(r"not root.*share.*uid", result.stderr, re.S), result.stderr
+
+
+def test_sandboxes_are_the_first_the_kernel_kills_when_memory_runs_out(single):
+    assert single.run("print(open('/proc/self/oom_score_adj').read().strip())").stdout == "1000\n"
+    session = single.session()
+    try:
+        assert session.run("print(open('/proc/self/oom_score_adj').read().strip())").stdout == "1000\n"
+    finally:
+        session.close()
