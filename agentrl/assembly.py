@@ -17,8 +17,8 @@ event loop never renders templates or tokenises.
 
 from __future__ import annotations
 
-import copy
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,28 @@ from agentrl.trajectory import SpanRole
 
 SENTINEL = "\ue000{}\ue001"  # private-use characters: never in a template, never in tool output
 SENTINEL_PATTERN = re.compile("\ue000(\\d+)\ue001")
+
+
+_PLAIN: dict[int, tuple[Any, Any]] = {}
+_PLAIN_LOCK = threading.Lock()
+
+
+def plain_tokenizer(tokenizer: Any) -> Any:
+    """A private copy of a fast tokenizer's backend that always encodes special-token strings as
+    text (``None`` for a slow tokenizer). Private, because switching the splitting on and off per
+    call changes the Rust tokenizer's state while the engine's thread may be decoding with it;
+    cached per tokenizer, because copying one takes a good fraction of a second."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    with _PLAIN_LOCK:
+        if id(tokenizer) not in _PLAIN:
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(backend.to_str())
+            plain.encode_special_tokens = True
+            _PLAIN[id(tokenizer)] = (tokenizer, plain)  # the tokenizer is held so that its id stays its own
+        return _PLAIN[id(tokenizer)][1]
 
 
 @dataclass
@@ -43,9 +65,6 @@ class TokenAssembler:
     def __init__(self, tokenizer: Any, env: Any) -> None:
         self.tokenizer = tokenizer
         self.env = env
-        # A private copy for plain-text encoding: switching special-token splitting on and off
-        # changes the Rust tokenizer's state, which the engine's thread may be reading to decode.
-        self._plain = copy.deepcopy(tokenizer)
         self._assistant_end: str | None = None
 
     # -- encoding ----------------------------------------------------------------------------
@@ -56,7 +75,10 @@ class TokenAssembler:
 
     def encode_plain(self, text: str) -> list[int]:
         """Tool output: special-token strings are ordinary text."""
-        return list(self._plain.encode(text, add_special_tokens=False, split_special_tokens=True))
+        plain = plain_tokenizer(self.tokenizer)
+        if plain is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return list(plain.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -45,6 +45,8 @@ class Engine(Protocol):
     """What the rollout needs from an inference engine."""
 
     policy_version: int
+    # The context length: prompt + response tokens never exceed it (``None``: unknown, not clamped).
+    max_model_len: int | None
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult: ...
 

@@ -52,6 +52,8 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.policy_version = 0
+        # prompt + response never exceed it (the rollout clamps every turn to what is left)
+        self.max_model_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self.batch_sizes: Counter[int] = Counter()  # requests each batch started with
         self.forward_calls = 0
         self.joined = 0  # requests that joined a batch already decoding
