@@ -173,3 +173,75 @@ def tiny_model(
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# -- preparing a policy for training -------------------------------------------------------------
+
+
+def fraction_of_weights_an_update_moves(parameters, lr: float) -> float:
+    """The fraction of elements for which a step of size ``lr`` (AdamW's step is about ``lr`` per
+    element) is at least half the spacing of the element's dtype at its value, i.e. does not round
+    away. For fp32 weights of size 0.02 and lr 1e-6 that is 1; in bf16 it is about 0.02."""
+    moved = total = 0
+    for parameter in parameters:
+        values = parameter.detach()
+        if not values.is_floating_point() or values.numel() == 0:
+            continue
+        _, exponent = torch.frexp(values.float().abs())  # |w| = m 2^e with m in [0.5, 1)
+        spacing = torch.finfo(values.dtype).eps * torch.pow(2.0, exponent.float() - 1)
+        moved += int((lr >= spacing / 2).sum())
+        total += values.numel()
+    return moved / max(total, 1)
+
+
+def prepare_master_weights(model, precision: str, lr: float) -> str | None:
+    """Make the trainable weights ones an optimizer step can change.
+
+    With ``trainer.precision=bf16``, trainable bf16/fp16 parameters are upcast to fp32 master
+    weights (the forward passes still compute in bf16 under autocast), as verl and FSDP mixed
+    precision do. Without it, low-precision trainable weights are refused when most of them cannot
+    represent a step of ``lr`` (bf16 at lr 1e-6 rounds about 98% of AdamW updates to nothing).
+    Returns a note for the log, or None when nothing changed.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    low = [p for p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
+    if not low:
+        return None
+    if precision == "bf16":
+        if len(low) == len(list(model.parameters())):
+            model.float()  # full fine-tuning: every weight and buffer in fp32
+        else:
+            for parameter in low:
+                parameter.data = parameter.data.float()
+        return f"{len(low)} trainable low-precision tensors upcast to fp32 master weights (bf16 autocast computes)"
+    fraction = fraction_of_weights_an_update_moves(low, lr)
+    if fraction < 0.5:
+        raise ValueError(
+            f"model.dtype={low[0].dtype} with trainer.lr={lr:g}: only {fraction:.0%} of the trainable weights can change "
+            "by one optimizer step, the rest round to no change. Set model.dtype=float32 and trainer.precision=bf16 "
+            "(fp32 master weights, bf16 compute), or use LoRA (model.lora.enabled=true)")
+    import warnings
+
+    warnings.warn(f"training {low[0].dtype} weights directly: {1 - fraction:.0%} of one step's updates round away; "
+                  "model.dtype=float32 with trainer.precision=bf16 keeps fp32 master weights", UserWarning, stacklevel=2)
+    return None
+
+
+def disable_dropout(model) -> int:
+    """Set every dropout probability to 0 (``nn.Dropout`` modules, LoRA dropout, attention dropout).
+    PPO scores pi_old in eval mode and updates in train mode; with dropout active the ratio would
+    not start at 1. Returns how many settings were changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        value = getattr(module, "attention_dropout", None)
+        if isinstance(value, float) and value > 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        value = getattr(config, key, None)
+        if isinstance(value, float) and value > 0:
+            setattr(config, key, 0.0)
+            changed += 1
+    return changed

@@ -174,10 +174,13 @@ class ResponseOutputs:
 
 def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | None = None,
                      with_entropy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     with_hidden: bool = False) -> ResponseOutputs:
+                     with_hidden: bool = False, value_trunk_grad: bool = True) -> ResponseOutputs:
     """Log-probabilities (and optionally entropy, values and hidden states) of the response tokens
     under ``model``, scored at the sampling ``temperature`` and ``top_p`` (see
     :func:`agentrl.algos.sampling.sampling_logprobs`): the distribution the engine sampled from.
+
+    ``value_trunk_grad=False`` detaches the hidden states before the value head, so the value loss
+    trains the head only and not the trunk it shares with the policy.
 
     Only the ``T + 1`` last columns get logits; the last one (after the final token) is dropped.
     """
@@ -201,5 +204,6 @@ def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | Non
         states = output.hidden_states[-1][:, batch.prompt_width - 1 : batch.prompt_width + response_width]
         hidden = states if with_hidden else None
     if value_head is not None:
-        values = value_head(states[:, :response_width].to(value_head.weight.dtype)).squeeze(-1).float()
+        value_input = states[:, :response_width] if value_trunk_grad else states[:, :response_width].detach()
+        values = value_head(value_input.to(value_head.weight.dtype)).squeeze(-1).float()
     return ResponseOutputs(logprobs, entropy, values, hidden)

@@ -108,13 +108,18 @@ def save_final_model(model, tokenizer, output_dir: str | Path, name: str = "mode
 
 
 def rng_states() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.random.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def is_peft_model(model) -> bool:
@@ -130,6 +135,7 @@ def save_checkpoint(
     value_head: torch.nn.Module | None = None,
     partial_rollouts: dict[str, Any] | None = None,
     keep: int = 2,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``state.step`` atomically, point ``latest`` at it, keep ``keep``."""
     root = checkpoint_root(output_dir)
@@ -146,6 +152,7 @@ def save_checkpoint(
             "value_head": value_head.state_dict() if value_head is not None else None,
             "rng": rng_states(),
             "partial_rollouts": partial_rollouts,
+            "extra": extra,  # further trainer state (the ArCHer critic: heads, target, optimizer, buffer)
         },
         staging / "training.pt",
     )
@@ -213,8 +220,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     value_head: torch.nn.Module | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[TrainerState, dict[str, Any] | None]:
-    """Restore everything a checkpoint holds; returns the trainer state and the partial-rollout state."""
+    """Restore everything a checkpoint holds; returns the trainer state and the partial-rollout state.
+    ``extra``, if given, is filled with the further state ``save_checkpoint`` was given."""
     path = Path(path)
     load_weights(model, path / "model")
     training = torch.load(path / "training.pt", weights_only=False)
@@ -225,5 +234,7 @@ def load_checkpoint(
     if value_head is not None and training["value_head"] is not None:
         value_head.load_state_dict(training["value_head"])
     set_rng_states(training["rng"])
+    if extra is not None:
+        extra.update(training.get("extra") or {})
     state = TrainerState(**json.loads((path / "state.json").read_text()))
     return state, training["partial_rollouts"]

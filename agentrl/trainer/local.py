@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from agentrl.algos import advantages as adv
+from agentrl.algos import critic as critic_lib
 from agentrl.algos import losses
-from agentrl.config import AlgoConfig, RunConfig, dump_config
+from agentrl.config import KL_IN_REWARD_ESTIMATORS, AlgoConfig, RunConfig, dump_config
 from agentrl.trainer.batching import TrainBatch, collate, forward_response
 from agentrl.trainer.checkpoint import (
     TrainerState,
@@ -33,6 +34,7 @@ from agentrl.trainer.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
+from agentrl.trainer.optim import clip_and_step
 from agentrl.trajectory import Trajectory
 
 
@@ -54,7 +56,8 @@ class Run:
     eval_tasks: list[Any]
     loop: asyncio.AbstractEventLoop
     value_head: torch.nn.Module | None = None
-    reference: Any = None  # a frozen copy of the initial policy (full fine-tuning with a KL term)
+    reference: Any = None  # a frozen copy of the policy RL starts from (after any SFT warm start)
+    critic: Any = None  # ArCHer's utterance-level critic (agentrl.algos.critic.CriticLearner)
     state: TrainerState = field(default_factory=TrainerState)
 
 
@@ -84,7 +87,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     from agentrl.engines.hf import HFEngine
     from agentrl.envs import get_env_class
     from agentrl.executor import ToolExecutor
-    from agentrl.models import load_model
+    from agentrl.models import disable_dropout, load_model, prepare_master_weights
     from agentrl.rollout import RolloutWorker
 
     transformers_logging.disable_progress_bar()  # the run has its own progress display
@@ -106,8 +109,21 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
         lora = config.model.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    elif config.algo.kl_coef > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    try:
+        prepare_master_weights(model, trainer.precision, trainer.lr)
+    except ValueError as error:
+        from agentrl.config import ConfigError
+
+        raise ConfigError(str(error)) from None
+    if disable_dropout(model) and config.model.lora.dropout > 0:
+        warnings.warn("model.lora.dropout is set to 0 for RL: pi_old is scored without dropout, so the update must "
+                      "run without it for the PPO ratio to start at 1", UserWarning, stacklevel=2)
+    if config.algo.kl_coef > 0 and not config.model.lora.enabled and not config.sft.enabled:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)  # with SFT: taken after the warm start
+    if config.algo.kl_cov_ratio > 0 and trainer.epochs == 1 and trainer.minibatch_size >= trainer.prompts_per_step * config.rollout.group_size:
+        warnings.warn("algo.kl_cov_ratio acts only when a step makes several updates (its penalty |log pi - log pi_old| "
+                      "is 0 at the first one): set trainer.minibatch_size below the batch or trainer.epochs > 1",
+                      UserWarning, stacklevel=2)
     if config.model.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -119,6 +135,11 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
         value_head = torch.nn.Linear(model.config.hidden_size, 1)
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
         parameters.append({"params": list(value_head.parameters()), "lr": config.algo.value_lr})
+    critic = None
+    if config.algo.advantage == "archer":
+        archer = config.algo.archer
+        critic = critic_lib.CriticLearner(model.config.hidden_size, archer.hidden_size, archer.lr, archer.gamma, archer.tau,
+                                          archer.batch_size, archer.buffer_size, trainer.seed)
     optimizer = torch.optim.AdamW(parameters, betas=trainer.betas, weight_decay=trainer.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer.warmup_steps, trainer.steps, trainer.schedule))
 
@@ -133,7 +154,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     eval_rows = env.load("eval", config.env.eval_data)[: config.env.eval_size]
     eval_tasks = [env.make_task(row, index) for index, row in enumerate(eval_rows)]
     return Run(config, model, tokenizer, engine, env, executor, worker, eval_worker, optimizer, scheduler,
-               train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference)
+               train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic)
 
 
 def next_tasks(run: Run, count: int | None = None) -> list[Any]:
@@ -170,11 +191,10 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
         metrics["partial/new_tasks"] = float(new_tasks)
 
     trainable = [t for t in trajectories if t.trainable and t.reward is not None]
+    if config.algo.dynamic_sampling:
+        trainable, extra, sampling_metrics = refill_with_signal(run, trainable, step)
+        trajectories, metrics = trajectories + extra, {**metrics, **sampling_metrics}
     batch = collate(trainable, run.tokenizer.pad_token_id, run.engine.policy_version) if trainable else None
-    if batch is not None and config.algo.dynamic_sampling:
-        keep = adv.varied_groups_mask(batch.rewards, batch.group_ids)
-        metrics["filter/kept_fraction"] = float(keep.float().mean())
-        batch = batch.select(keep.nonzero().squeeze(-1)) if keep.any() else None
     if batch is not None and config.algo.overlong_filter:
         batch.loss_mask = adv.overlong_filter(batch.loss_mask, batch.truncated)
         metrics["filter/overlong_fraction"] = float(batch.truncated.float().mean())
@@ -207,6 +227,43 @@ async def collect(run: Run, step: int):
     target = run.config.trainer.prompts_per_step
     tasks = next_tasks(run, run.worker.partial.tasks_needed(target))
     return await run.worker.run_batch(tasks, seed=seed, target_groups=target), len(tasks)
+
+
+def groups_with_signal(trajectories: list[Trajectory], algo: AlgoConfig) -> list[Trajectory]:
+    """The trajectories of groups whose estimator sees a difference (DAPO, Yu et al. 2025, eq. 11):
+    outcome rewards that vary, or for the turn-level estimators any turn's return that varies."""
+    if not trajectories:
+        return []
+    batch = collate(trajectories, 0)
+    keep = adv.varied_groups_mask(batch.rewards, batch.group_ids)
+    if algo.advantage in ("turn_grpo", "gigpo"):
+        gamma = algo.turn_gamma if algo.advantage == "turn_grpo" else algo.gigpo.gamma
+        returns = adv.discounted_turn_returns(batch.turn_rewards, batch.turn_mask, gamma)
+        for turn in range(returns.shape[1]):
+            rows = (batch.turn_mask[:, turn] > 0).nonzero().squeeze(-1)
+            varied = adv.varied_groups_mask(returns[rows, turn], batch.group_ids[rows])
+            keep |= torch.isin(batch.group_ids, batch.group_ids[rows][varied])
+    return [t for t, kept in zip(trajectories, keep.tolist()) if kept]
+
+
+def refill_with_signal(run: Run, trainable: list[Trajectory], step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
+    """DAPO dynamic sampling (Yu et al. 2025, sec. 3.2): keep the groups with signal and draw more
+    prompts, at most ``algo.dynamic_sampling_max_draws`` further rounds, until ``prompts_per_step``
+    groups are kept; then keep exactly that many. Returns ``(kept, extra trajectories, metrics)``."""
+    config, target = run.config, run.config.trainer.prompts_per_step
+    kept = groups_with_signal(trainable, config.algo)
+    metrics = {"filter/kept_fraction": len(kept) / max(len(trainable), 1)}
+    extra, draws = [], 0
+    while len({t.group_id for t in kept}) < target and draws < config.algo.dynamic_sampling_max_draws:
+        draws += 1
+        seed = (config.trainer.seed * 10_000 + step) * 1_000 + 500 + draws  # within this step's seed block
+        rollout = run.loop.run_until_complete(run.worker.run_batch(next_tasks(run), seed=seed))
+        extra.extend(rollout.trajectories)
+        kept.extend(groups_with_signal([t for t in rollout.trajectories if t.trainable and t.reward is not None], config.algo))
+    groups = set(list(dict.fromkeys(t.group_id for t in kept))[:target])
+    kept = [t for t in kept if t.group_id in groups]
+    metrics.update({"filter/extra_draws": float(draws), "filter/groups": float(len(groups))})
+    return kept, extra, metrics
 
 
 def release_memory() -> None:
@@ -244,45 +301,83 @@ def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
+def even_minibatches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``ceil(B / size)`` minibatches of near-equal size: a ragged remainder of a few trajectories
+    would otherwise get a full Adam step (Adam's step size barely depends on the batch)."""
+    return [chunk for chunk in torch.tensor_split(rows, max(1, math.ceil(len(rows) / size))) if len(chunk)]
+
+
+def sampling_options(config: RunConfig) -> dict[str, float]:
+    """Score tokens under the distribution the rollout sampled from (temperature, top-p)."""
+    return {"temperature": config.rollout.temperature, "top_p": config.rollout.top_p}
+
+
 @torch.no_grad()
-def score_batch(run: Run, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Logprobs of the current policy before the update (PPO's pi_old), the reference's and values."""
-    shape = batch.response_ids.shape
+def score_batch(run: Run, batch: TrainBatch):
+    """Logprobs of the current policy before the update (PPO's pi_old), the reference's, values, and
+    for ArCHer the turn-boundary features ``(state, action)``, each ``(B, K, H)``."""
+    shape, sampling = batch.response_ids.shape, sampling_options(run.config)
     old, values = torch.zeros(shape), torch.zeros(shape) if run.value_head is not None else None
     reference = torch.zeros(shape) if run.config.algo.kl_coef > 0 else None
+    features = None
+    if run.critic is not None:
+        size = (batch.size, batch.turn_mask.shape[1], run.model.config.hidden_size)
+        features = (torch.zeros(size), torch.zeros(size))
     for rows in micro_batches(torch.arange(batch.size), run.config.trainer.micro_batch_size):
         sub = batch.select(rows)
         width = sub.response_ids.shape[1]
         with autocast(run):
-            out = forward_response(run.model, sub, run.value_head)
+            out = forward_response(run.model, sub, run.value_head, with_hidden=features is not None, **sampling)
             old[rows, :width] = out.logprobs
             if values is not None:
                 values[rows, :width] = out.values
+            if features is not None:
+                state, action = critic_lib.turn_features(out.hidden, sub.token_turns, sub.turn_mask)
+                features[0][rows], features[1][rows] = state, action
             if reference is not None:
                 if run.reference is not None:
-                    reference[rows, :width] = forward_response(run.reference, sub).logprobs
+                    reference[rows, :width] = forward_response(run.reference, sub, **sampling).logprobs
                 else:  # LoRA: the reference is the base model, the adapters switched off
                     with run.model.disable_adapter():
-                        reference[rows, :width] = forward_response(run.model, sub).logprobs
-    return old, reference, values
+                        reference[rows, :width] = forward_response(run.model, sub, **sampling).logprobs
+    return old, reference, values, features
 
 
 def single_update(config: RunConfig, batch_size: int) -> bool:
     """Whether the update is one optimizer step on the whole batch with nothing else needing the
     pre-update policy's outputs up front (a reference model's logprobs, GAE's values)."""
     return (config.trainer.epochs == 1 and config.trainer.minibatch_size >= batch_size
-            and config.algo.kl_coef == 0 and config.algo.advantage != "gae")
+            and config.algo.kl_coef == 0 and config.algo.advantage not in ("gae", "archer"))
+
+
+def kl_goes_in_reward(algo: AlgoConfig) -> bool:
+    return algo.kl_in_reward if algo.kl_in_reward is not None else algo.advantage in KL_IN_REWARD_ESTIMATORS
+
+
+def reward_kl(old: torch.Tensor | None, reference: torch.Tensor | None, loss_mask: torch.Tensor,
+              algo: AlgoConfig) -> torch.Tensor | None:
+    """The per-token KL that enters the token rewards (REINFORCE++, GAE, or ``algo.kl_in_reward``):
+    ``algo.kl_reward_type``, k1 by default, the only estimator whose score-function gradient is
+    ``grad KL(pi || ref)``; None when the KL goes into the loss instead."""
+    if reference is None or old is None or not kl_goes_in_reward(algo):
+        return None
+    return losses.kl_penalty(old, reference, algo.kl_reward_type, loss_mask=loss_mask)
 
 
 def compute_advantages(batch: TrainBatch, loss_mask: torch.Tensor, algo: AlgoConfig,
                        values: torch.Tensor | None = None,
-                       token_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       token_kl: torch.Tensor | None = None,
+                       turn_advantages: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (and value targets for GAE) by the configured estimator.
 
-    REINFORCE++ and GAE put the KL penalty into the token rewards (as in their papers); the GRPO
-    family keeps it in the loss.
+    ``token_kl`` (from :func:`reward_kl`) is subtracted from the token rewards where the estimator
+    has them; REINFORCE++ and GAE put the KL there by default (as in their papers), the others keep
+    it in the loss. ``turn_advantages`` ``(B, K)`` are the ArCHer critic's.
     """
     name, rewards, groups = algo.advantage, batch.rewards, batch.group_ids
+    if token_kl is not None and name not in ("reinforce_pp", "gae"):
+        # kl_in_reward for a sequence-level estimator: the trajectory's summed KL leaves its reward
+        rewards = rewards - algo.kl_coef * (token_kl * loss_mask).sum(-1)
     if name in ("grpo", "dr_grpo", "rloo"):
         sequence = {"grpo": lambda: adv.grpo_advantages(rewards, groups, algo.norm_std),
                     "dr_grpo": lambda: adv.dr_grpo_advantages(rewards, groups),
@@ -296,11 +391,29 @@ def compute_advantages(batch: TrainBatch, loss_mask: torch.Tensor, algo: AlgoCon
         token_rewards = adv.last_token_rewards(rewards, loss_mask)
         if token_kl is not None:
             token_rewards = token_rewards - algo.kl_coef * token_kl * loss_mask
-        return adv.gae_advantages(token_rewards, values, loss_mask, algo.gamma, algo.lam)
-    if name == "turn_grpo":
-        returns = adv.discounted_turn_returns(batch.turn_rewards, batch.turn_mask, algo.turn_gamma)
-        per_turn = adv.turn_grpo_advantages(returns, batch.turn_mask, groups, algo.norm_std)
+        advantages, returns = adv.gae_advantages(token_rewards, values, loss_mask, algo.gamma, algo.lam)
+        if algo.whiten_gae:  # after the returns: the value targets stay in reward units (as verl)
+            advantages = adv.masked_whiten(advantages, loss_mask)
+        return advantages, returns
+    if name in ("turn_grpo", "gigpo"):
+        turn_rewards = batch.turn_rewards
+        if token_kl is not None:  # each turn's summed KL leaves that turn's reward
+            kl_sum = torch.zeros_like(turn_rewards).scatter_add_(
+                1, batch.token_turns.clamp(min=0), token_kl * loss_mask * (batch.token_turns >= 0))
+            turn_rewards = turn_rewards - algo.kl_coef * kl_sum
+        gamma = algo.turn_gamma if name == "turn_grpo" else algo.gigpo.gamma
+        returns = adv.discounted_turn_returns(turn_rewards, batch.turn_mask, gamma)
+        if name == "turn_grpo":
+            per_turn = adv.turn_grpo_advantages(returns, batch.turn_mask, groups, algo.norm_std)
+        else:
+            episode_rewards = (turn_rewards * batch.turn_mask).sum(-1)
+            per_turn = adv.gigpo_advantages(episode_rewards, groups, returns, batch.turn_mask, batch.anchor_keys,
+                                            algo.gigpo.step_weight, algo.norm_std)
         return adv.spread_turn_values(per_turn, batch.token_turns) * loss_mask, None
+    if name == "archer":
+        if turn_advantages is None:
+            raise ValueError("the archer estimator needs the critic's per-turn advantages (turn_advantages)")
+        return adv.spread_turn_values(turn_advantages, batch.token_turns) * loss_mask, None
     raise ValueError(f"unknown advantage estimator {name!r}")
 
 
@@ -319,16 +432,21 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     """PPO epochs over shuffled minibatches, gradients accumulated over micro-batches."""
     config, algo = run.config, run.config.algo
     loss_mask = batch.loss_mask
-    kl_in_reward = algo.advantage in ("reinforce_pp", "gae")
+    kl_in_reward = kl_goes_in_reward(algo)
     if single_update(config, batch.size):
         # One optimizer step: the policy before the update is the one the training forward pass
         # runs, so its detached logprobs are pi_old exactly and a separate scoring pass is saved.
-        old = reference = old_values = None
+        old = reference = old_values = features = None
     else:
-        old, reference, old_values = score_batch(run, batch)
-    token_kl = losses.kl_penalty(old, reference, algo.kl_type) if reference is not None and kl_in_reward else None
-    advantages, returns = compute_advantages(batch, loss_mask, algo, old_values, token_kl)
-    metrics = {
+        old, reference, old_values, features = score_batch(run, batch)
+    critic_metrics, turn_advantages = {}, None
+    if run.critic is not None:
+        critic_metrics, turn_advantages = train_critic(run, batch, features, step)
+    advantages, returns = compute_advantages(batch, loss_mask, algo, old_values, reward_kl(old, reference, loss_mask, algo),
+                                             turn_advantages)
+    if run.critic is not None and run.critic.collections <= algo.archer.warmup_steps:
+        return {**critic_metrics, "update/critic_warmup": 1.0}  # the actor waits for a trained critic
+    metrics = {**critic_metrics,
         "rollout/stale_fraction": float((batch.stale * loss_mask).sum() / loss_mask.sum()),
         "advantage/mean": float(adv.masked_mean(advantages, loss_mask)),
         "advantage/abs_mean": float(adv.masked_mean(advantages.abs(), loss_mask)),
@@ -339,11 +457,12 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(config.trainer.seed * 100_003 + step)
     run.model.train()
     parameters = [p for group in run.optimizer.param_groups for p in group["params"]]
-    updates = 0
+    updates = minibatches = skipped = 0
     for epoch in range(config.trainer.epochs):
         order = torch.randperm(batch.size, generator=generator)
-        for minibatch in micro_batches(order, config.trainer.minibatch_size):
-            totals = {"batch_tokens": float(loss_mask[minibatch].sum()), "batch_sequences": float(len(minibatch)),
+        for minibatch in even_minibatches(order, config.trainer.minibatch_size):
+            totals = {"batch_tokens": float(loss_mask[minibatch].sum()),
+                      "batch_sequences": losses.sequence_count(loss_mask[minibatch]),
                       "max_response_tokens": config.rollout.max_response_tokens}
             run.optimizer.zero_grad(set_to_none=True)
             for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
@@ -355,7 +474,8 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                     return tensor[rows, :width]
 
                 with autocast(run):
-                    out = forward_response(run.model, sub, run.value_head, with_entropy=algo.entropy_coef > 0)
+                    out = forward_response(run.model, sub, run.value_head, with_entropy=algo.entropy_coef > 0,
+                                           value_trunk_grad=algo.value_trunk_grad, **sampling_options(config))
                 old_sub = out.logprobs.detach() if old is None else cut(old)
                 sampling, stale = cut(batch.sampling_logprobs), cut(batch.stale)
                 if epoch == 0:
@@ -369,33 +489,54 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                 token_loss, clipped = policy_token_loss(out.logprobs, old_sub, cut(advantages), mask, algo, generator)
                 policy_loss = losses.aggregate_loss(token_loss * is_weights, mask, algo.loss_agg, **totals)
                 loss = policy_loss
-                parts = {"loss/policy": policy_loss, "clip_fraction": losses.aggregate_loss(clipped, mask, algo.loss_agg, **totals)}
+                # metrics are token means whatever the loss aggregation, so they stay fractions and means
+                token_mean = {"batch_tokens": totals["batch_tokens"]}
+                parts = {"loss/policy": policy_loss, "clip_fraction": losses.aggregate_loss(clipped, mask, **token_mean)}
                 if reference is not None and not kl_in_reward:
-                    kl = losses.aggregate_loss(losses.kl_penalty(out.logprobs, cut(reference), algo.kl_type), mask, algo.loss_agg, **totals)
+                    kl_tokens = losses.kl_penalty(out.logprobs, cut(reference), algo.kl_loss_type, loss_mask=mask)
+                    kl = losses.aggregate_loss(kl_tokens, mask, algo.loss_agg, **totals)
                     loss, parts["loss/kl"] = loss + algo.kl_coef * kl, kl
                 if out.entropy is not None:
                     entropy = losses.aggregate_loss(out.entropy, mask, algo.loss_agg, **totals)
-                    loss, parts["entropy"] = loss - algo.entropy_coef * entropy, entropy
+                    loss, parts["entropy"] = loss - algo.entropy_coef * entropy, losses.aggregate_loss(out.entropy.detach(), mask, **token_mean)
                 if out.values is not None:
                     value = losses.aggregate_loss(losses.value_loss(out.values, cut(old_values), cut(returns), algo.value_clip),
                                                   mask, algo.loss_agg, **totals)
-                    loss, parts["loss/value"] = loss + value, value
+                    loss, parts["loss/value"] = loss + algo.value_coef * value, value
                 loss.backward()
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.trainer.max_grad_norm)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-            run.optimizer.step()
-            updates += 1
+            grad_norm, stepped = clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm)
+            minibatches += 1
+            if stepped:
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                updates += 1
+            else:
+                skipped += 1
     run.optimizer.zero_grad(set_to_none=True)
     run.model.eval()
-    metrics.update({key: value / updates for key, value in sums.items()})
+    metrics.update({key: value / (updates if key == "grad_norm" else minibatches) for key, value in sums.items()})
+    metrics["update/nonfinite_skipped"] = float(skipped)
     metrics["rollout/logprob_mismatch"] = mismatch[0] / max(mismatch[1], 1.0)
     if stale_weights[1]:
         metrics["rollout/stale_is_weight_mean"] = stale_weights[0] / stale_weights[1]
     metrics["lr"] = run.optimizer.param_groups[0]["lr"]
     metrics["update/trajectories"] = float(batch.size)
     return metrics
+
+
+def train_critic(run: Run, batch: TrainBatch, features, step: int) -> tuple[dict[str, float], torch.Tensor]:
+    """ArCHer: add this batch's turn transitions to the replay buffer, take the configured TD steps,
+    and return the metrics and the per-turn advantages ``(B, K)`` of the updated critic."""
+    archer = run.config.algo.archer
+    state, action = features
+    run.critic.add(critic_lib.turn_transitions(state, action, batch.turn_rewards, batch.turn_mask))
+    generator = torch.Generator().manual_seed(run.config.trainer.seed * 100_019 + step)
+    metrics = run.critic.update(archer.updates_per_step, generator)
+    turn_advantages = run.critic.advantages(state, action, batch.turn_mask)
+    valid = batch.turn_mask > 0
+    metrics["critic/advantage_abs_mean"] = float(turn_advantages[valid].abs().mean()) if valid.any() else 0.0
+    return metrics, turn_advantages
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -431,8 +572,14 @@ def train(config: RunConfig, model=None, tokenizer=None, console=None) -> Traine
     run = build_run(config, model, tokenizer)
     partial_state = None
     if checkpoint is not None:
-        run.state, partial_state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.value_head)
+        extra: dict[str, Any] = {}
+        run.state, partial_state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.value_head,
+                                                   extra=extra)
         run.engine.policy_version = run.state.policy_version
+        if run.critic is not None and extra.get("critic") is not None:
+            run.critic.load_state_dict(extra["critic"])
+        if needs_post_sft_reference(config):
+            run.reference = load_reference(run)
         if partial_state is not None and hasattr(run.worker, "load_state_dict"):
             run.worker.load_state_dict(partial_state)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -487,6 +634,8 @@ def warm_start(run: Run, tracker) -> None:
         metrics.update(sft_warm_start(run))
         release_memory()  # the SFT optimizer's state and activations
         run.engine.update_weights()
+        if needs_post_sft_reference(config):
+            run.reference = snapshot_reference(run)
     if config.trainer.eval_before:
         metrics.update(evaluate(run))
     if metrics:
@@ -495,9 +644,40 @@ def warm_start(run: Run, tracker) -> None:
         save(run, tracker)
 
 
+REFERENCE_DIR = "reference"
+
+
+def needs_post_sft_reference(config: RunConfig) -> bool:
+    """The KL anchors to the policy RL starts from: after an SFT warm start that is the SFT model."""
+    return config.algo.kl_coef > 0 and config.sft.enabled
+
+
+def snapshot_reference(run: Run):
+    """A frozen copy of the policy as it is now (after the warm start), also written to
+    ``output_dir/reference/`` once, so a resume does not depend on the step-0 checkpoint surviving
+    ``keep_checkpoints``. For LoRA the copy keeps the SFT-trained adapters (frozen)."""
+    reference = copy.deepcopy(run.model).eval().requires_grad_(False)
+    run.model.save_pretrained(Path(run.config.output_dir) / REFERENCE_DIR, safe_serialization=True)
+    return reference
+
+
+def load_reference(run: Run):
+    """The post-SFT reference of a resumed run, rebuilt from ``output_dir/reference/``."""
+    from agentrl.trainer.checkpoint import load_weights
+
+    directory = Path(run.config.output_dir) / REFERENCE_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is missing: this run's KL reference (the policy after the SFT warm "
+                                "start) cannot be rebuilt; start the run again in a new output_dir")
+    reference = copy.deepcopy(run.model).eval().requires_grad_(False)
+    load_weights(reference, directory)
+    return reference
+
+
 def save(run: Run, tracker) -> None:
     run.state.metrics = list(tracker.history)
     run.state.policy_version = run.engine.policy_version
     partial = run.worker.state_dict() if hasattr(run.worker, "state_dict") else None
+    extra = {"critic": run.critic.state_dict()} if run.critic is not None else None
     save_checkpoint(run.config.output_dir, run.state, run.model, run.optimizer, run.scheduler, run.value_head,
-                    partial, keep=run.config.trainer.keep_checkpoints)
+                    partial, keep=run.config.trainer.keep_checkpoints, extra=extra)

@@ -25,6 +25,7 @@ import torch
 
 from agentrl.trainer.batching import collate, forward_response
 from agentrl.trainer.checkpoint import save_final_model
+from agentrl.trainer.optim import clip_and_step
 from agentrl.trajectory import Trajectory
 
 Messages = list[dict[str, Any]]
@@ -219,8 +220,7 @@ def sft_train(model, tokenizer, trajectories: list[Trajectory], epochs: int = 1,
                 loss = -(logprobs * sub.loss_mask).sum() / max(tokens, 1.0)
                 loss.backward()
                 total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            optimizer.step()
+            clip_and_step(optimizer, parameters, max_grad_norm)  # a non-finite gradient skips the step
             losses.append(total)
             if log is not None:
                 log({"sft/loss": total})

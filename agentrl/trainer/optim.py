@@ -1,0 +1,21 @@
+"""One guarded optimizer step, shared by the RL update and the SFT warm start."""
+
+from __future__ import annotations
+
+import torch
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
+                  max_grad_norm: float) -> tuple[float, bool]:
+    """Clip the gradients to ``max_grad_norm`` and step, unless their norm is not finite.
+
+    A NaN or inf gradient (an overflow anywhere in the batch) would be written into the weights and
+    the optimizer moments for good; that step is skipped instead and the gradients dropped (as
+    verl's actor does). Returns ``(grad_norm, stepped)``.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), False
+    optimizer.step()
+    return float(grad_norm), True

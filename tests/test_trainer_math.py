@@ -1,0 +1,242 @@
+"""The trainer's math fixes through the real trainer: the KL reference is the post-SFT policy, a
+bf16 config changes its weights, the reward-path KL is k1, a non-finite step is skipped, dynamic
+sampling refills the batch, minibatches are even, dropout is off."""
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from agentrl.config import ConfigError, build_config, load_config
+from agentrl.models import (
+    disable_dropout,
+    fraction_of_weights_an_update_moves,
+    prepare_master_weights,
+)
+from agentrl.trainer.local import (
+    build_run,
+    close_run,
+    even_minibatches,
+    reward_kl,
+    train,
+    train_step,
+)
+from agentrl.trainer.optim import clip_and_step
+from tests.helpers.ping_env import write_demonstrations
+from tests.test_trainer import ping_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_run_config(tmp_path, model_dir, **sections):
+    data = {
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(model_dir)},
+        "env": {"name": "tests.helpers.ping_env:PingEnv", "eval_size": 2},
+        "rollout": {"group_size": 3, "max_turns": 2, "max_new_tokens": 6, "max_response_tokens": 40},
+        "trainer": {"steps": 1, "prompts_per_step": 2, "minibatch_size": 6, "micro_batch_size": 3, "lr": 1e-3,
+                    "torch_threads": 1, "eval_before": False},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return build_config(data)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+# -- D3: the KL reference is the policy RL starts from ----------------------------------------------
+
+
+def test_the_kl_reference_is_the_post_sft_policy(tmp_path, tiny_model_dir):
+    demonstrations = write_demonstrations(tmp_path / "demos.jsonl")
+    config = ping_config(tiny_model_dir, tmp_path / "run", demonstrations, algo={"advantage": "grpo", "kl_coef": 0.1},
+                         trainer={"steps": 1, "prompts_per_step": 2, "minibatch_size": 8, "micro_batch_size": 4,
+                                  "lr": 1e-3, "eval_every": 0, "eval_before": False, "torch_threads": 1, "seed": 0,
+                                  "save_every": 1, "keep_checkpoints": 5},
+                         sft={"enabled": True, "data": str(demonstrations), "epochs": 2, "lr": 1e-2, "batch_size": 8})
+    train(build_config(config))
+    output = tmp_path / "run"
+    reference = weights(output / "reference")
+    post_sft = weights(output / "checkpoints" / "step-000000" / "model")
+    initial = weights(Path(tiny_model_dir))
+    assert reference.keys() == post_sft.keys()
+    assert all(torch.equal(reference[name], post_sft[name]) for name in reference)
+    assert any(not torch.equal(reference[name], initial[name]) for name in reference)  # SFT did change them
+
+
+def test_a_resumed_run_rebuilds_the_post_sft_reference(tmp_path, tiny_model_dir):
+    from agentrl.trainer.local import load_reference
+
+    demonstrations = write_demonstrations(tmp_path / "demos.jsonl")
+    config = ping_config(tiny_model_dir, tmp_path / "run", demonstrations, algo={"advantage": "grpo", "kl_coef": 0.1},
+                         trainer={"steps": 0, "eval_before": False, "torch_threads": 1},
+                         sft={"enabled": True, "data": str(demonstrations), "epochs": 1, "lr": 1e-2, "batch_size": 8})
+    train(build_config(config))
+    run = build_run(build_config(config))
+    try:
+        reference = load_reference(run)
+        saved = weights(tmp_path / "run" / "reference")
+        for name, parameter in reference.named_parameters():
+            if name in saved:
+                assert torch.equal(parameter, saved[name])
+        assert not any(p.requires_grad for p in reference.parameters())
+    finally:
+        close_run(run)
+
+
+# -- D4: bf16 training keeps fp32 master weights ----------------------------------------------------
+
+
+def test_search_r1_keeps_fp32_weights_and_computes_in_bf16():
+    config = load_config(ROOT / "configs" / "search_r1.yaml")
+    assert config.model.dtype == "float32" and config.trainer.precision == "bf16"
+
+
+def test_a_bf16_config_actually_changes_its_weights(tmp_path, tiny_model_dir):
+    search_r1 = yaml.safe_load((ROOT / "configs" / "search_r1.yaml").read_text())
+    config = tiny_run_config(tmp_path, tiny_model_dir, model={"dtype": "bfloat16"},
+                             trainer={"lr": search_r1["trainer"]["lr"], "precision": "bf16"},
+                             algo={"kl_coef": search_r1["algo"]["kl_coef"]})
+    run = build_run(config)
+    reward = run.env.reward
+    run.env.reward = lambda task, trajectory: reward(task, trajectory).__class__((sum(trajectory.response_ids) % 7) / 7)
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    before = [p.detach().clone() for p in run.model.parameters()]
+    try:
+        metrics, _ = train_step(run)
+    finally:
+        close_run(run)
+    assert "update/skipped" not in metrics
+    changed = sum(int((a != b).sum()) for a, b in zip(before, run.model.parameters()))
+    total = sum(p.numel() for p in before)
+    assert changed / total > 0.5, changed / total
+
+
+def test_bf16_weights_with_a_learning_rate_they_cannot_represent_are_refused(tmp_path, tiny_model_dir):
+    config = tiny_run_config(tmp_path, tiny_model_dir, model={"dtype": "bfloat16"}, trainer={"lr": 1e-6})
+    with pytest.raises(ConfigError, match="model.dtype=float32 and trainer.precision=bf16"):
+        build_run(config)
+
+
+def test_the_fraction_of_weights_a_step_moves():
+    weights_002 = torch.full((1000,), 0.02)
+    assert fraction_of_weights_an_update_moves([weights_002], 1e-6) == 1.0
+    assert fraction_of_weights_an_update_moves([weights_002.bfloat16()], 1e-6) == 0.0
+    assert fraction_of_weights_an_update_moves([weights_002.bfloat16()], 1e-4) == 1.0  # spacing 1.2e-4
+
+
+def test_bf16_precision_upcasts_trainable_low_precision_weights():
+    model = torch.nn.Linear(4, 4).bfloat16()
+    assert prepare_master_weights(model, "bf16", 1e-6) is not None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert prepare_master_weights(model, "fp32", 1e-6) is None  # already fp32: nothing to do
+
+
+# -- D2: the KL in the reward is k1 -----------------------------------------------------------------
+
+
+def test_the_reward_path_kl_defaults_to_k1_and_the_loss_path_to_low_var_kl():
+    algo = build_config({"algo": {"advantage": "reinforce_pp", "kl_coef": 0.1}}).algo
+    old, reference, mask = torch.tensor([[-1.0, -0.5]]), torch.tensor([[-2.0, -0.5]]), torch.ones(1, 2)
+    # k1 = log pi_old - log pi_ref = [1, 0]; k3 would give exp(-1) + 1 - 1 = 0.368
+    assert reward_kl(old, reference, mask, algo).tolist() == [[1.0, 0.0]]
+    grpo = build_config({"algo": {"kl_coef": 0.1}}).algo
+    assert reward_kl(old, reference, mask, grpo) is None and grpo.kl_loss_type == "low_var_kl"
+
+
+def test_k1_as_a_loss_warns_and_the_old_key_still_works():
+    with pytest.warns(UserWarning, match="zero expected gradient"):
+        build_config({"algo": {"kl_coef": 0.1, "kl_loss_type": "k1"}})
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert build_config({"algo": {"kl_type": "k3"}}).algo.kl_loss_type == "k3"
+
+
+# -- Q3: a non-finite gradient skips the step -------------------------------------------------------
+
+
+def test_a_step_with_a_non_finite_grad_norm_is_skipped():
+    layer = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in layer.parameters()]
+    (layer(torch.ones(1, 3)) * float("nan")).sum().backward()
+    grad_norm, stepped = clip_and_step(optimizer, list(layer.parameters()), 1.0)
+    assert not stepped and math.isnan(grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters())) and not optimizer.state
+    assert all(p.grad is None for p in layer.parameters())
+    layer(torch.ones(1, 3)).sum().backward()
+    _, stepped = clip_and_step(optimizer, list(layer.parameters()), 1.0)
+    assert stepped and not torch.equal(before[0], layer.weight)
+
+
+def test_the_trainer_counts_skipped_non_finite_steps(tmp_path, tiny_model_dir):
+    run = build_run(tiny_run_config(tmp_path, tiny_model_dir))
+    reward = run.env.reward
+    run.env.reward = lambda task, trajectory: reward(task, trajectory).__class__((sum(trajectory.response_ids) % 7) / 7)
+    hook = run.model.get_input_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in run.model.parameters()]
+    try:
+        metrics, _ = train_step(run)
+    finally:
+        hook.remove()
+        close_run(run)
+    assert metrics["update/nonfinite_skipped"] == 1.0 and "grad_norm" not in metrics
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
+
+
+# -- Q6: dynamic sampling refills the batch ---------------------------------------------------------
+
+
+def test_dynamic_sampling_refills_the_batch_with_bounded_extra_draws(tmp_path, tiny_model_dir):
+    config = tiny_run_config(tmp_path, tiny_model_dir, algo={"dynamic_sampling": True, "dynamic_sampling_max_draws": 6})
+    run = build_run(config)
+    reward = run.env.reward
+
+    def half_tied(task, trajectory):  # groups of rows with an even index all score 1: no signal
+        row = int(task.id.split("@")[0].split("-")[1])
+        value = 1.0 if row % 2 == 0 else (sum(trajectory.response_ids) % 7) / 7
+        return reward(task, trajectory).__class__(value)
+
+    run.env.reward = half_tied
+    try:
+        metrics, trajectories = train_step(run)
+    finally:
+        close_run(run)
+    assert metrics["filter/groups"] == 2.0 and metrics["update/trajectories"] == 6.0
+    assert 1 <= metrics["filter/extra_draws"] <= 6
+    assert len(trajectories) == 6 + 6 * int(metrics["filter/extra_draws"])
+
+
+def test_dynamic_sampling_is_refused_for_estimators_without_a_group_baseline():
+    with pytest.raises(ConfigError, match="dynamic_sampling"):
+        build_config({"algo": {"advantage": "gae", "dynamic_sampling": True}})
+
+
+# -- Q10, Q11 ---------------------------------------------------------------------------------------
+
+
+def test_minibatches_are_near_equal_instead_of_a_ragged_remainder():
+    sizes = [len(chunk) for chunk in even_minibatches(torch.arange(40), 32)]
+    assert sizes == [20, 20]
+    assert [len(chunk) for chunk in even_minibatches(torch.arange(8), 8)] == [8]
+
+
+def test_dropout_is_disabled_for_rl(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from agentrl.models import tiny_model
+
+    model = tiny_model(tokenizer)
+    model.config.attention_dropout = 0.1
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.3, target_modules=["q_proj"]))
+    assert disable_dropout(model) > 0
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
