@@ -111,6 +111,11 @@ def check_bind(host: str, token: str | None, insecure: bool = False, service: st
     )
 
 
+def invalid(loc: list[Any], message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, as the API schema documents them."""
+    return HTTPException(422, [{"loc": loc, "msg": message, "type": "value_error"}])
+
+
 async def _send_json(send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
     response = JSONResponse(body, status_code=status, headers=headers)
     await response({"type": "http"}, None, send)
@@ -257,7 +262,7 @@ class _Replies:
         if key in self.entries:
             known, _, task = self.entries[key]
             if known != digest:
-                raise HTTPException(422, "this Idempotency-Key was used for a different request")
+                raise invalid(["header", "idempotency-key"], "this Idempotency-Key was used for a different request")
         else:
             task = asyncio.ensure_future(work())  # survives a client that disconnects mid-call
             self.entries[key] = (digest, now, task)
@@ -311,7 +316,7 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok", "tools": list(executor.tool_classes), "sessions": len(sessions.sessions)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
@@ -330,8 +335,8 @@ def create_app(
             try:
                 opened[index] = open_images(item.images)
             except Exception as error:  # undecodable images: the request is bad, not the server
-                raise HTTPException(422, f"request {index}: images must be base64 PNG, JPEG, WEBP, GIF or "
-                                         f"BMP of at most 16 MP: {error}") from None
+                raise invalid(["body", "requests", index, "images"], "images must be base64 PNG, JPEG, WEBP, "
+                              f"GIF or BMP of at most 16 MP: {error}") from None
             total += sum(image.width * image.height for image in opened[index])
             if total > max_request_pixels:
                 raise HTTPException(413, f"the request's images hold more than {max_request_pixels:,} pixels; "
@@ -345,7 +350,7 @@ def create_app(
         try:
             images = await asyncio.to_thread(open_batch_images, batch)
         except OSError as error:
-            raise HTTPException(422, f"an image cannot be decoded: {error}") from None
+            raise invalid(["body", "requests"], f"an image cannot be decoded: {error}") from None
 
         async def one(index: int, item: CallRequest) -> dict[str, Any]:
             label = item.tool if item.tool in executor.tool_classes else "unknown"
@@ -375,7 +380,9 @@ def create_app(
                                 headers={"Retry-After": "1"}) from None
         return {"results": list(results)}
 
-    @app.post("/call", response_model=BatchResponse)
+    @app.post("/call", response_model=BatchResponse, responses={
+        413: {"description": "the body, or the pixels of the request's images, are over the limit"},
+        429: {"description": "the live-session cap is reached; retry after the Retry-After seconds"}})
     async def call(batch: BatchRequest,
                    idempotency_key: str | None = Header(None, max_length=128)) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps(batch.model_dump(), sort_keys=True, default=str).encode()).hexdigest()

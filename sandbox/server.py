@@ -21,7 +21,7 @@ import binascii
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 from agentrl.sandbox.base import Backend
 from fastapi import FastAPI
@@ -50,6 +50,40 @@ class RunCodeRequest(BaseModel):
     stdin: str | None = None
     files: dict[str, str | None] = {}
     fetch_files: list[str] = []
+
+
+class RunResult(BaseModel):
+    status: Literal["Finished", "TimeLimitExceeded", "Error"]
+    execution_time: float | None
+    return_code: int | None
+    stdout: str
+    stderr: str
+
+
+class RunCodeResponse(BaseModel):
+    """SandboxFusion's answer, as documented in the API schema (the handler returns plain dicts)."""
+
+    status: Literal["Success", "Failed", "SandboxError"]
+    message: str
+    compile_result: None = None
+    run_result: RunResult | None
+    files: dict[str, str]
+
+
+class SandboxErrorResponse(BaseModel):
+    status: Literal["SandboxError"]
+    message: str
+
+
+# What /run_code answers besides 200, so that clients (and the schema-driven tests) know each shape.
+RUN_CODE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": RunCodeResponse},
+    422: {"description": "a malformed request, or a memory_limit_MB over the server's cap",
+          "content": {"application/json": {"schema": {"anyOf": [
+              {"$ref": "#/components/schemas/HTTPValidationError"},
+              {"$ref": "#/components/schemas/SandboxErrorResponse"}]}}}},
+    429: {"model": SandboxErrorResponse, "description": "the queue or the memory budget is full; retry later"},
+}
 
 
 def run_code_response(result, error: str | None = None) -> dict[str, Any]:
@@ -112,11 +146,11 @@ def create_app(backend: Backend, workers: int = 2, queue: int = 32, token: str |
     async def health() -> dict[str, Any]:
         return {"status": "ok", "backend": backend.name, "in_flight": admitted["count"]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/run_code")
+    @app.post("/run_code", responses=RUN_CODE_RESPONSES)
     async def run_code(request: RunCodeRequest):
         language = "python" if request.language == "python3" else request.language
         if language not in backend.languages():

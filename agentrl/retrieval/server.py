@@ -148,7 +148,7 @@ def create_app(index: Index, max_topk: int = 100, max_queries: int = 1024, batch
     async def health() -> dict[str, Any]:
         return {"status": "ok", "documents": len(index), "method": index.method}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
