@@ -5,7 +5,8 @@ Self-play reads a JSONL of ``{"answer": ..., "hops": n}`` rows and nothing else 
 ``train_answers_random_hop_50000_proposer.jsonl``, less its example questions). For the fictional
 world :func:`generate_answers` derives them from ``corpus.jsonl`` alone, never from ``train.jsonl``
 or ``eval.jsonl``; ``data/fictional/self_play_answers.jsonl`` is its output, committed and checked
-equal to a fresh run by the tests. Regenerate with ``python -m agentrl.envs.self_play_data``.
+equal to a fresh run by the tests. Regenerate with ``python -m agentrl.envs.self_play_data``
+(``--demonstrations PATH --count N`` also writes warm-start chats).
 
 Hop count ``n``: the number of documents a solver must read, one search each, along a chain in which
 every link is one document naming exactly one next entity, so the question has one answer:
@@ -260,9 +261,20 @@ def write_demonstrations(demonstrations: Sequence[dict[str, Any]], path: str | P
 
 
 def main() -> None:
+    import argparse
+    import asyncio
+
+    parser = argparse.ArgumentParser(description="Write the self-play answers (and, optionally, demonstrations).")
+    parser.add_argument("--demonstrations", help="also write this many proposer and solver demonstrations ...")
+    parser.add_argument("--count", type=int, default=16, help="... of each role (default 16)")
+    parser.add_argument("--topk", type=int, default=3, help="search results per query (default 3)")
+    args = parser.parse_args()
     rows = generate_answers()
     write_answers(rows)
     print(f"{ANSWERS_PATH}: {len(rows)} rows; {dict(sorted(Counter(r['hops'] for r in rows).items()))} by hops")
+    if args.demonstrations:
+        items = asyncio.run(self_play_demonstrations(rows, args.count, search_options={"topk": args.topk}))
+        print(f"{write_demonstrations(items, args.demonstrations)}: {len(items)} chats")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from agentrl.envs.self_play_data import (
     generate_answers,
     load_answers,
     self_play_demonstrations,
+    write_demonstrations,
 )
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -51,7 +52,7 @@ from agentrl.algos.self_play import (
 from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.executor import ToolExecutor
 from agentrl.rollout import RolloutWorker
-from agentrl.trainer.sft import chat_to_trajectory
+from agentrl.trainer.sft import chat_to_trajectory, load_demonstrations
 from agentrl.trajectory import ToolCallRecord, Trajectory
 from tests.helpers.scripted import ScriptedEngine
 from tests.helpers.servers import serve_app
@@ -513,6 +514,11 @@ def test_proposer_demonstrations_search_n_times_then_ask_a_correct_valid_questio
         assert resolve(extract_question(output.text)) == item["answer"]
         assert item["messages"][-1]["content"].startswith("<question>")
         chat_to_trajectory(item["messages"], tokenizer, SearchQAEnv()).validate()  # the SFT layout
+
+
+def test_demonstrations_written_as_jsonl_are_what_the_sft_loader_reads(demonstrations, tmp_path):
+    path = write_demonstrations(demonstrations, tmp_path / "ssp_demos.jsonl")
+    assert load_demonstrations(path) == [d["messages"] for d in demonstrations]
 
 
 def test_solver_demonstrations_answer_the_proposed_questions_from_their_searches(demonstrations, tokenizer):
