@@ -1,23 +1,24 @@
-"""The bubblewrap backend: untrusted code in fresh namespaces, from a warm pool of zygotes.
+"""The bubblewrap backend: untrusted code in fresh namespaces, from a warm pool of sandboxes.
 
 Each worker is ``bwrap`` started as its own unprivileged host uid (so RLIMIT_NPROC caps a fork bomb
 per worker, and no worker can signal another's processes) with new user, pid, net, ipc, uts and
 cgroup namespaces (the only interface is ``lo``), nested user namespaces disabled, no capabilities,
-``--die-with-parent``, a fresh session, a cleared environment, a seccomp filter (no ptrace, no
-process_vm_*, no kernel keyrings), read-only binds of the interpreter and the Python packages it may
-import (nothing of the project, nothing under ``/root``), a read-only root and ``/dev``, and two
-size-limited tmpfs as the only writable places (``/tmp``, the work area, and ``/dev/shm``).
+``--die-with-parent``, a fresh session, a cleared environment, a seccomp filter (see ``_DENIED``),
+read-only binds of the interpreter and the Python packages it may import (nothing of the project,
+nothing under ``/root``), a read-only root and ``/dev``, and two size-limited tmpfs as the only
+writable places (``/tmp``, the work area, and ``/dev/shm``).
 
-Inside, :mod:`agentrl.sandbox.worker` runs as the namespace's pid 1 (a non-dumpable zygote that
-jobs can neither signal, trace nor read) and forks a child per job with rlimits (CPU seconds,
-address space, processes, file size, open files, no POSIX message queues); after each job it kills
-every other process of the namespace, removes System V IPC objects and wipes both tmpfs, so nothing
-of one trajectory's execution reaches the next.
+Inside, :mod:`agentrl.sandbox.worker` runs as the namespace's pid 1, a non-dumpable supervisor
+that jobs can neither signal, trace nor read. A zygote it forked before any job forks each job, so
+no job starts from memory that held another's data; jobs get rlimits (CPU seconds, address space,
+processes, file size, open files, no POSIX message queues); after each job the supervisor kills
+every other process of the namespace, removes System V IPC objects and empties both tmpfs within
+a time bound, so nothing of one trajectory's execution reaches the next.
 
-Memory is bounded per process (RLIMIT_AS), not per sandbox: a job may hold up to ``max_processes``
-times ``memory_mb``. A cgroup limit would bound the sum, but cgroups are not delegated to
-unprivileged users here (cgroup v1, writable by root only), so the bound is the product; keep
-``max_processes`` modest on small machines.
+Memory: where a cgroup v2 is delegated (:mod:`agentrl.sandbox.cgroup`), each sandbox has its own
+cgroup and ``memory_mb`` bounds the sum over its processes. Otherwise it is bounded per process
+(RLIMIT_AS): a job may hold up to ``max_processes`` times ``memory_mb``; keep ``max_processes``
+modest on small machines, and let the sandbox server's memory budget bound what it grants.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sys
 from pathlib import Path
 
 from agentrl.sandbox.base import DEFAULT_MAX_OUTPUT_BYTES, SandboxUnavailable
+from agentrl.sandbox.cgroup import SandboxCgroup, delegated_cgroup
 from agentrl.sandbox.pool import PooledBackend, Worker
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -153,14 +155,16 @@ def package_binds(packages: tuple[str, ...]) -> list[tuple[Path, str]]:
 class BwrapBackend(PooledBackend):
     """Options: ``pool_size`` (warm zygotes), ``packages`` importable inside (numpy by default),
     ``tmpfs_mb`` (the writable work area), ``max_processes`` per sandbox, ``uid_base``,
-    ``session_ttl_s`` (idle sessions are stopped after it)."""
+    ``session_ttl_s`` (idle sessions are stopped after it), ``cgroup`` (a delegated cgroup-v2
+    directory for per-sandbox memory limits; found by itself where this process's own is delegated)."""
 
     name = "bwrap"
 
     def __init__(self, pool_size: int = 2, packages: tuple[str, ...] = ("numpy",), tmpfs_mb: int = 64,
                  max_processes: int = 32, uid_base: int = 61000, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
-                 preload: tuple[str, ...] = ("numpy",), session_ttl_s: float = 600.0) -> None:
+                 preload: tuple[str, ...] = ("numpy",), session_ttl_s: float = 600.0, cgroup: str | None = None) -> None:
         super().__init__(pool_size, max_processes, tmpfs_mb, uid_base, max_output_bytes, session_ttl_s)
+        self.cgroup_parent = delegated_cgroup(cgroup)
         self.bwrap = shutil.which("bwrap")
         if self.bwrap is None:
             raise SandboxUnavailable("the bwrap backend needs bubblewrap: apt-get install bubblewrap")
@@ -168,7 +172,8 @@ class BwrapBackend(PooledBackend):
         self._seccomp = seccomp_program()
         self.packages = tuple(packages)
         self.preload = tuple(p for p in preload if p in self.packages)
-        unreachable = [str(host) for host, _ in [*package_binds(self.packages), (WORKER, ""), (WORKER_SESSION, "")] if not _world_readable(host)]
+        unreachable = [str(host) for host, _ in [*package_binds(self.packages), (WORKER, ""), (WORKER_SESSION, "")]
+                       if not _world_readable(host)]
         if unreachable:  # bwrap runs as an unprivileged uid and would fail on each of these
             raise SandboxUnavailable(
                 f"the sandbox's unprivileged uid cannot reach {', '.join(unreachable)}: every parent directory must be "
@@ -182,9 +187,14 @@ class BwrapBackend(PooledBackend):
         read_end, write_end = os.pipe()
         os.write(write_end, self._seccomp)
         os.close(write_end)
+        cgroup = SandboxCgroup(self.cgroup_parent) if self.cgroup_parent is not None else None
         try:
             worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), self.uid(slot), self.max_processes,
-                            self.environment(), pass_fds=(read_end,))
+                            self.environment(), pass_fds=(read_end,), cgroup=cgroup)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         finally:
             os.close(read_end)
         worker.slot = slot

@@ -25,6 +25,7 @@ from agentrl.sandbox.base import (
     SandboxUnavailable,
     Session,
 )
+from agentrl.sandbox.cgroup import SandboxCgroup
 from agentrl.sandbox.worker import LANGUAGES
 
 # Outputs are capped inside the sandbox; a reply also carries fetched files (16 MiB, as base64) and
@@ -43,19 +44,27 @@ class Worker:
     write is bounded in time and size, so nothing inside the sandbox can hang or flood the host."""
 
     def __init__(self, command: list[str], uid: int | None, processes: int, env: dict[str, str] | None = None,
-                 pass_fds: tuple[int, ...] = (), max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
-        def demote() -> None:
-            import resource
-
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
-
+                 pass_fds: tuple[int, ...] = (), max_reply_bytes: int = MAX_REPLY_BYTES,
+                 cgroup: SandboxCgroup | None = None) -> None:
         self.uid = uid if uid is not None and os.geteuid() == 0 else None
+        self.cgroup = cgroup
+        procs = cgroup.procs if cgroup is not None else None
+
+        def prepare() -> None:  # between fork and exec: into the cgroup (while still allowed), then the uid
+            if procs is not None:
+                with open(procs, "w") as handle:
+                    handle.write("0")
+            if self.uid is not None:
+                import resource
+
+                os.setgroups([])
+                os.setgid(self.uid)
+                os.setuid(self.uid)
+                resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
+
         self.max_reply_bytes = max_reply_bytes
         self.failure = ""
-        preexec = demote if self.uid is not None else None
+        preexec = prepare if self.uid is not None or procs is not None else None
         self.process = _spawner.submit(
             subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=preexec, start_new_session=True, bufsize=0, env=env, pass_fds=pass_fds,
@@ -157,6 +166,8 @@ class Worker:
                 stream.close()
             except OSError:
                 pass
+        if self.cgroup is not None and self.process.poll() is not None:
+            self.cgroup.remove()
         return self.process.poll() is not None
 
 
@@ -285,7 +296,11 @@ class PooledBackend(Backend):
             "processes": self.max_processes, "file_bytes": self.tmpfs_mb * 1024 * 1024,
         }
         started = time.monotonic()
+        if worker.cgroup is not None:
+            worker.cgroup.limit(memory_mb)
         answer = worker.request(job, timeout + CLEANUP_S + 5.0)
+        if answer is not None and worker.cgroup is not None and worker.cgroup.killed_for_memory():
+            answer["memory_exceeded"] = True
         if answer is not None and worker.alive and not answer.get("replace_worker"):
             self._idle.put(worker)
         else:
@@ -348,6 +363,8 @@ class PooledSession(Session):
                 except BaseException:
                     self.backend.give_back_session_slot(slot)
                     raise
+                if self.worker.cgroup is not None:
+                    self.worker.cgroup.limit(self.memory_mb)
             started = time.monotonic()
             job = {"code": code, "timeout": timeout, "max_output_bytes": self.backend.max_output_bytes}
             answer = self.worker.request(job, timeout + 5.0)

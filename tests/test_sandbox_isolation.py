@@ -361,3 +361,37 @@ def test_sandboxes_are_the_first_the_kernel_kills_when_memory_runs_out(single):
         assert session.run("print(open('/proc/self/oom_score_adj').read().strip())").stdout == "1000\n"
     finally:
         session.close()
+
+
+def test_without_a_delegated_cgroup_the_backend_still_runs(tmp_path, single):
+    from agentrl.sandbox.cgroup import delegated_cgroup
+
+    assert delegated_cgroup(str(tmp_path)) is None  # a plain directory is not a cgroup with memory delegated
+    assert delegated_cgroup(str(tmp_path / "missing")) is None
+    if delegated_cgroup() is None:
+        assert single.cgroup_parent is None and single.run("print(1)").ok
+
+
+@pytest.mark.skipif(__import__("agentrl.sandbox.cgroup", fromlist=["x"]).delegated_cgroup() is None,
+                    reason="no cgroup v2 with the memory controller is delegated here")
+def test_a_delegated_cgroup_bounds_the_sandbox_not_each_process():
+    backend = get_backend("bwrap", pool_size=1)
+    try:
+        # Four processes of 150 MB each: each is under its 256 MB RLIMIT_AS, the sum is not.
+        code = textwrap.dedent("""
+            import os, time
+            pids = []
+            for _ in range(4):
+                pid = os.fork()
+                if pid == 0:
+                    block = bytearray(150 << 20)
+                    time.sleep(2)
+                    os._exit(0)
+                pids.append(pid)
+            print(sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids))
+        """)
+        result = backend.run(code, memory_mb=256, timeout=20)
+        assert result.memory_exceeded and "-9" in result.stdout, result
+        assert backend.run("print(1)").ok
+    finally:
+        backend.close()
