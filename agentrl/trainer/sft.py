@@ -81,7 +81,16 @@ def _append_xml(trajectory: Trajectory, messages: Messages, tokenizer, env, max_
 
 
 def _append_json(trajectory: Trajectory, messages: Messages, first: int, tokenizer, tools) -> None:
-    """Render the conversation prefix by prefix; each increment is one message's tokens."""
+    """Render the conversation prefix by prefix; each increment is one message's tokens.
+
+    An assistant increment is split as a rollout samples it: a tool-calling turn stops at the
+    call's closing tag, so its content is trained and the template's end (``<|im_end|>\n``) is
+    template glue; a final answer ends with a sampled EOS, so the EOS is trained and only what
+    follows it (``\n``) is glue."""
+    from agentrl.assembly import TokenAssembler
+
+    assistant_end = TokenAssembler(tokenizer, None).assistant_end()
+    eos_text = tokenizer.eos_token or ""
     rendered = tokenizer.apply_chat_template(messages[:first], tools=tools, add_generation_prompt=True, tokenize=False)
     turn = 0
     for index in range(first, len(messages)):
@@ -91,11 +100,20 @@ def _append_json(trajectory: Trajectory, messages: Messages, first: int, tokeniz
                                              add_generation_prompt=following == "assistant")
         if not full.startswith(rendered):
             raise ValueError("the chat template does not render conversations incrementally")
-        increment = _encode(tokenizer, full[len(rendered):])
+        text = full[len(rendered):]
+        increment = _encode(tokenizer, text)
         if message["role"] == "assistant":
             if index > first:
                 turn += 1
-            trajectory.append_model_tokens(increment, [0.0] * len(increment), turn, 0)
+            sampled, glue = text, ""
+            if assistant_end and text.endswith(assistant_end):
+                sampled, glue = text[: -len(assistant_end)], assistant_end
+                if following != "tool" and eos_text and glue.startswith(eos_text):
+                    sampled, glue = sampled + eos_text, glue[len(eos_text):]
+            ids = _encode(tokenizer, sampled)
+            trajectory.append_model_tokens(ids, [0.0] * len(ids), turn, 0)
+            if glue:
+                trajectory.append_observation_tokens(_encode(tokenizer, glue), turn, role="template")
         else:
             trajectory.append_observation_tokens(increment, turn)
         rendered = full
