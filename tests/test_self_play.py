@@ -81,6 +81,18 @@ def valid_output(**changes) -> ProposerOutput:
 # -- extraction and rules ---------------------------------------------------------------------------
 
 
+def test_the_proposer_prompt_carries_the_answer_the_hops_and_the_examples():
+    system, user = proposer_messages(CITY, 3, examples=["Who wrote it?"])
+    assert system["role"] == "system" and "3 sequential searches" in system["content"]
+    assert "work backwards" in system["content"].lower() and "- Who wrote it?" in system["content"]
+    assert "no spoilers" in system["content"].lower() and "<question>" in system["content"]
+    assert f"The answer I provided is: {CITY}." in user["content"] and "requires 3 searches" in user["content"]
+    (short,) = proposer_messages(CITY, 2, prompt="short")
+    assert CITY in short["content"] and "2 searches" in short["content"]
+    with pytest.raises(ValueError, match="hops must be at least 1"):
+        proposer_messages(CITY, 0)
+
+
 def test_the_first_question_tag_outside_think_is_the_question():
     text = "<think>maybe <question> draft </question></think> <question>  Which  one? </question> <question> later </question>"
     assert extract_question(text) == "Which one?"
