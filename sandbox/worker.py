@@ -413,10 +413,11 @@ def serve_pool(request_fd, reply_fd, preload):
             result = {"sandbox_error": f"{type(error).__name__}: {error}", "return_code": None,
                       "replace_worker": "the supervisor failed"}
         started = time.monotonic()
-        reason = supervisor.clean_up(started + CLEANUP_S)  # the job that made the mess pays for it
+        if not result.get("replace_worker"):  # a sandbox about to be replaced needs no cleaning
+            reason = supervisor.clean_up(started + CLEANUP_S)  # the job that made the mess pays for it
+            if reason:
+                result["replace_worker"] = reason
         result["cleanup_s"] = time.monotonic() - started
-        if reason and not result.get("replace_worker"):
-            result["replace_worker"] = reason
         write_frame(reply_fd, result)
         if result.get("replace_worker"):
             return

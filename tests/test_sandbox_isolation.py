@@ -395,3 +395,15 @@ def test_a_delegated_cgroup_bounds_the_sandbox_not_each_process():
         assert backend.run("print(1)").ok
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("attack", ["os.kill(os.getppid(), signal.SIGKILL)", "os.kill(os.getppid(), signal.SIGSTOP)"])
+def test_a_job_that_attacks_its_zygote_fails_itself_not_the_infrastructure(single, attack):
+    # The zygote shares the job's uid; a job that kills or stops it must not turn its own failure
+    # into an infrastructure error (those are kept out of the loss, so the policy would learn it).
+    started = time.monotonic()
+    result = single.run(f"import os, signal\n{attack}\nprint('done')", timeout=2)
+    assert time.monotonic() - started < 15
+    assert result.sandbox_error is None and not result.ok, result
+    after = single.run("print(6 * 7)")
+    assert after.ok and after.stdout == "42\n", after
