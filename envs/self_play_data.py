@@ -55,6 +55,7 @@ class World:
     people: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> profession, year, city
     country: dict[str, str] = field(default_factory=dict)  # city -> country
     founder: dict[str, str] = field(default_factory=dict)  # organisation -> person
+    descriptions: Counter = field(default_factory=Counter)  # (profession, year, city) -> people
 
     @classmethod
     def from_corpus(cls, path: str | Path = CORPUS_PATH) -> World:
@@ -69,6 +70,7 @@ class World:
                 world.founder[match["name"]] = match["founder"]
         if not (world.people and world.country and world.founder):
             raise ValueError(f"{path} has no people, cities or organisations in the fictional corpus's format")
+        world.descriptions = Counter(world.describe(p) for p in world.people)
         return world
 
     def companies_of(self, person: str) -> list[str]:
@@ -79,12 +81,8 @@ class World:
         return facts["profession"], facts["year"], facts["city"]
 
     def uniquely_described(self, person: str) -> bool:
-        return self._descriptions()[self.describe(person)] == 1
-
-    def _descriptions(self) -> Counter:
-        if not hasattr(self, "_description_counts"):
-            self._description_counts = Counter(self.describe(p) for p in self.people)
-        return self._description_counts
+        """No one else shares this person's profession, birth year and birth city."""
+        return self.descriptions[self.describe(person)] == 1
 
 
 def generate_answers(corpus: str | Path = CORPUS_PATH, hops: Sequence[int] = (2, 3), seed: int = 0) -> list[dict[str, Any]]:

@@ -489,6 +489,19 @@ def test_a_question_answer_file_is_refused_as_self_play_input():
         load_answers(DATA_DIR / "train.jsonl")
 
 
+@pytest.mark.parametrize("row, message", [
+    ({"hops": 2}, "'answer' must be a non-empty string"),
+    ({"answer": " ", "hops": 2}, "'answer' must be a non-empty string"),
+    ({"answer": "Vulmora", "hops": 0}, "'hops' must be a positive integer"),
+    ({"answer": "Vulmora", "hops": "2"}, "'hops' must be a positive integer"),
+])
+def test_malformed_answer_rows_name_their_line(tmp_path, row, message):
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"answer": "Shyskrom", "hops": 2, "examples": ["Who?"]}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"answers.jsonl:2: {message}"):
+        load_answers(path)
+
+
 # -- demonstrations of both roles ---------------------------------------------------------------------
 
 
