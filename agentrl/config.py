@@ -146,6 +146,7 @@ class AlgoConfig(Section):
     kl_cov_ratio: float = Field(0.0, ge=0.0, le=1.0)
     kl_cov_coef: float = Field(1.0, ge=0.0)
     stale_is_cap: float = Field(2.0, gt=0.0)
+    is_all_tokens: bool = False  # the truncated weight min(pi_old/mu, cap) on every model token, not only stale ones
     dynamic_sampling: bool = False
     dynamic_sampling_max_draws: int = Field(2, ge=0)  # extra rollout rounds to refill the filtered batch
     overlong_filter: bool = False

@@ -21,6 +21,7 @@ OPTIONS = {
     "gigpo": {"algo": {"advantage": "gigpo", "gigpo": {"step_weight": 0.5, "gamma": 0.9}}},
     "gigpo_kl_in_reward": {"algo": {"advantage": "gigpo", "kl_coef": 0.1, "kl_in_reward": True}},
     "archer": {"algo": {"advantage": "archer", "archer": {"warmup_steps": 0, "updates_per_step": 4, "hidden_size": 16}}},
+    "is_all_tokens": {"algo": {"is_all_tokens": True}, "trainer": {"minibatch_size": 2}},
     "tempered_top_p": {"rollout": {"temperature": 0.8, "top_p": 0.9}, "trainer": {"epochs": 2}},
     "reinforce_pp_baseline": {"algo": {"advantage": "reinforce_pp_baseline", "loss_agg": "seq-mean-token-sum"}},
     "gae_value_head": {"algo": {"advantage": "gae", "gamma": 0.99, "lam": 0.95}},

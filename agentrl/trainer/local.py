@@ -482,7 +482,10 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                     fresh = mask * (1 - stale)
                     mismatch[0] += float(((old_sub - sampling).abs() * fresh).sum())
                     mismatch[1] += float(fresh.sum())
-                is_weights = losses.stale_importance_weights(old_sub, sampling, stale, algo.stale_is_cap)
+                # truncated IS on the stale tokens, or (is_all_tokens) also on fresh ones whose mu differs
+                # from pi_old by numerics (bf16, KV cache): rollout/logprob_mismatch measures the need
+                weighted = mask if algo.is_all_tokens else stale
+                is_weights = losses.stale_importance_weights(old_sub, sampling, weighted, algo.stale_is_cap)
                 if epoch == 0:
                     stale_weights[0] += float((is_weights * stale * mask).sum())
                     stale_weights[1] += float((stale * mask).sum())
