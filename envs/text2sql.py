@@ -103,10 +103,11 @@ def demo_root() -> Path:
 
 
 class Text2SQLEnv(Env):
-    """Options: ``database_dir`` (Spider's ``database`` directory) for local data."""
+    """Options: ``database_dir`` (Spider's ``database`` directory) for local data;
+    ``query_timeout_s`` (10), the time limit of each query of the execution-match reward."""
 
     name = "text2sql"
-    option_names = ("database_dir",)
+    option_names = ("database_dir", "query_timeout_s")
     tools = ("sql",)
     action_format = "xml"
     tags = {"sql": "sql"}
@@ -136,8 +137,10 @@ class Text2SQLEnv(Env):
 
     def reward(self, task: Task, trajectory: Trajectory) -> Reward:
         """Execution match: the answered query returns the gold query's rows (as a bag; in order
-        when the gold query orders)."""
+        when the gold query orders). The answer runs under the SQL tool's guard and limits (no
+        write, bounded time, rows and bytes): the policy cannot change what it is scored on."""
         if not trajectory.answer:
             return Reward(0.0, False, info={"answered": 0.0})
-        correct = execution_match(task.metadata["db_path"], trajectory.answer, task.answer)
+        correct = execution_match(task.metadata["db_path"], trajectory.answer, task.answer,
+                                  timeout_s=float(self.options.get("query_timeout_s", 10.0)))
         return Reward(float(correct), correct, info={"answered": 1.0})

@@ -88,3 +88,19 @@ def test_decompression_bomb_and_garbage_are_refused():
     ])
     assert "too large" in results[0].observation.text or "pixel limit" in results[0].observation.text
     assert "cannot be read" in results[1].observation.text
+
+
+@pytest.mark.parametrize("format", ["TIFF", "ICO", "PPM", "TGA"])
+def test_only_allowlisted_formats_are_decoded(format):
+    from agentrl.tools.image import IMAGE_FORMATS, load_image
+
+    from agentrl.tool import ToolError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format=format)
+    with pytest.raises(ToolError, match="accepted formats"):
+        load_image(buffer.getvalue())
+    for allowed in IMAGE_FORMATS:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(buffer, format=allowed)
+        assert load_image(buffer.getvalue()).size == (8, 8)

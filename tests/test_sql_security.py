@@ -253,3 +253,21 @@ def test_only_databases_under_the_configured_roots_are_opened(tmp_path, db_path)
 def test_check_read_only_still_gives_the_helpful_message():
     with pytest.raises(ToolError, match="only read queries"):
         check_read_only("DELETE FROM customer")
+
+
+def test_the_text2sql_reward_is_bounded_and_cannot_change_its_database(db_path, monkeypatch):
+    from agentrl.envs.text2sql import Text2SQLEnv
+
+    from agentrl.trajectory import Trajectory
+
+    env = Text2SQLEnv(database_dir=str(db_path.parent.parent), query_timeout_s=1.0)
+    task = env.make_task({"db_id": "shop", "question": "Who?", "query": "SELECT name FROM customer"}, 0)
+    before = snapshot(db_path.parent)
+    monkeypatch.setattr(sql_module, "check_read_only", lambda query, dialect=None: query)
+    for answer in ["DELETE FROM customer", "PRAGMA query_only = OFF", BOMBS[0], BOMBS[6],
+                   "SELECT name FROM customer UNION ALL SELECT hex(randomblob(100000)) FROM customer"]:
+        started = time.monotonic()
+        reward = env.reward(task, Trajectory(id="x", group_id="g", prompt_ids=[1], answer=answer))
+        assert reward.score == 0.0 and time.monotonic() - started < 4.0, answer
+    assert env.reward(task, Trajectory(id="y", group_id="g", prompt_ids=[1], answer="SELECT name FROM customer")).success
+    assert snapshot(db_path.parent) == before
