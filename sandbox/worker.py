@@ -280,17 +280,6 @@ class Supervisor:
                 continue
             return struct.unpack(">i", word)[0] if len(word) == 4 else None
 
-    def _send(self, data, deadline):
-        view = memoryview(data)
-        while view:
-            if time.monotonic() > deadline or not select.select([], [self.job_w], [], deadline - time.monotonic())[1]:
-                return False
-            try:
-                view = view[os.write(self.job_w, view):]
-            except BlockingIOError:
-                continue
-        return True
-
     @staticmethod
     def _drain(fd, kept, limit):
         """Read what ``fd`` holds now; keep up to ``limit`` bytes in ``kept``; the number dropped."""
@@ -319,32 +308,42 @@ class Supervisor:
         except ValueError as error:
             return {"sandbox_error": str(error), "return_code": None}
         deadline = started + timeout
-        os.write(self.go_w, b"g")
         data = json.dumps(job).encode()
-        pid = self._status(started + 10)
-        if pid is None or not self._send(struct.pack(">I", len(data)) + data, started + 10):
-            return {"sandbox_error": "the zygote did not start the job", "return_code": None, "replace_worker": "zygote"}
+        pending = memoryview(struct.pack(">I", len(data)) + data)
+        os.write(self.go_w, b"g")  # the zygote forks; the job reads its request as it is written
         kept = {self.out_r: bytearray(), self.err_r: bytearray()}
         dropped = {self.out_r: 0, self.err_r: 0}
-        status, timed_out = None, False
-        while status is None:
+        words, timed_out = [], False  # the zygote's words: the job's pid, then its wait status
+        while len(words) < 2:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
                 break
-            ready = select.select([self.out_r, self.err_r, self.status_r], [], [], remaining)[0]
-            for fd in ready:
+            readable, writable, _ = select.select([self.out_r, self.err_r, self.status_r], [self.job_w] if pending else [],
+                                                  [], remaining)
+            if writable:
+                try:
+                    pending = pending[os.write(self.job_w, pending):]
+                except BlockingIOError:
+                    pass
+            for fd in readable:
                 if fd == self.status_r:
-                    status = self._status(time.monotonic() + 1)
-                    if status is None:
+                    word = self._status(time.monotonic() + 1)
+                    if word is None:
                         return self._lost_zygote(kept, dropped, started)
+                    words.append(word)
                 else:
                     dropped[fd] += self._drain(fd, kept[fd], limit)
         if timed_out:
-            self._kill_job(pid)
-            status = self._status(time.monotonic() + CLEANUP_S)
-            if status is None:
+            if pending:  # the job never took its request: the zygote is not working
                 return self._lost_zygote(kept, dropped, started)
+            self._kill_job(words[0] if words else None)
+            while len(words) < 2:
+                word = self._status(time.monotonic() + CLEANUP_S)
+                if word is None:
+                    return self._lost_zygote(kept, dropped, started)
+                words.append(word)
+        status = words[1]
         for fd in kept:
             dropped[fd] += self._drain(fd, kept[fd], limit)
         stderr = text(kept[self.err_r], dropped[self.err_r])
@@ -359,9 +358,9 @@ class Supervisor:
         return result
 
     def _kill_job(self, pid):
-        if OWN_NAMESPACES:
+        if OWN_NAMESPACES:  # only in its own pid namespace may the supervisor kill whatever it sees
             kill_everything_else(time.monotonic() + CLEANUP_S, spare=(1, self.zygote))
-        else:
+        elif pid is not None:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
