@@ -197,3 +197,27 @@ def test_real_tiny_model_rollout_is_consistent(tokenizer, tiny_model, fmt):
         trajectory.validate()
         assert trajectory.stop_reason in ("eos", "max_new_tokens", "answer", "max_turns")
         assert len(trajectory.logprobs) == len(trajectory.response_ids)
+
+
+def test_a_stop_string_inside_think_does_not_end_the_turn(tokenizer):
+    pieces = iter(["<think>I could write <search> x </search>", " but I know it.</think><answer> beekeeper </answer>"])
+    rollout = worker(tokenizer, lambda c: next(pieces))
+    trajectory = asyncio.run(rollout.run_trajectory(rollout.env.make_task(QUESTION, 0)))
+    assert rollout.engine.calls == 2 and trajectory.tool_calls == []
+    assert trajectory.stop_reason == "answer" and trajectory.answer == "beekeeper" and trajectory.num_turns == 1
+    assert [s.role for s in trajectory.turns] == ["assistant"]
+
+
+def test_several_xml_calls_in_one_turn_all_run(tokenizer):
+    def script(conversation):
+        if "<information>" not in conversation.split("Question:")[-1]:
+            return "<search> Laskam Glimbys </search> and <search> Drournix </search>"
+        return "<answer> beekeeper </answer>"
+
+    rollout = worker(tokenizer, script, parallel_tool_calls=True)
+    assert rollout.stop_strings == ["</answer>"]  # the turn is not cut at the first call
+    trajectory = asyncio.run(rollout.run_trajectory(rollout.env.make_task(QUESTION, 0)))
+    assert [(c.tool, c.turn, c.status) for c in trajectory.tool_calls] == [("search", 0, "ok"), ("search", 0, "ok")]
+    observation = spans_text(tokenizer, trajectory, "observation")
+    assert len(observation) == 1 and observation[0].count("Doc 1(") == 2 and observation[0].endswith("</information>\n\n")
+    assert trajectory.stop_reason == "answer"
