@@ -171,6 +171,17 @@ def test_a_bomb_is_an_observation_within_the_time_limit(db_path, bomb):
     assert result.status in ("ok", "error") and len(result.observation.text) < 20_000
 
 
+def test_a_printf_precision_bomb_is_refused_before_it_runs(db_path):
+    """SQLite spends time linear in a ``%.*c`` precision inside one step, out of the progress
+    handler's reach: the width is checked first."""
+    started = time.monotonic()
+    bomb, legit = run_sql(db_path, ["SELECT printf('%.*c', 2000000000, 'x')",
+                                    "SELECT printf('%.2f %5d %s', 3.14159, 42, name) FROM customer WHERE id = 1"])
+    assert bomb.status == "error" and "over the 1048576-byte value limit" in bomb.observation.text
+    assert time.monotonic() - started < 5.0
+    assert legit.status == "ok" and "3.14    42 Ada" in legit.observation.text
+
+
 def test_a_huge_value_is_refused_by_sqlite_not_materialised(db_path):
     (result,) = run_sql(db_path, ["SELECT randomblob(200000000)"])
     assert result.status == "error" and "too big" in result.observation.text

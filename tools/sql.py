@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -100,6 +101,19 @@ class GuardedConnection(sqlite3.Connection):
         self.query_lock = threading.Lock()
         self.deadline = math.inf
         self.refused: str | None = None
+        self.function_error: str | None = None
+
+    def reporting(self, function):
+        """``function`` as a SQL function whose refusal message reaches the caller (SQLite itself
+        only says that a user-defined function raised)."""
+        def call(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except ValueError as error:
+                self.function_error = str(error)
+                raise
+
+        return call
 
     def past_deadline(self) -> int:
         return int(time.monotonic() > self.deadline)
@@ -117,6 +131,45 @@ class GuardedConnection(sqlite3.Connection):
         detail = arg2 if action == sqlite3.SQLITE_FUNCTION else arg1
         self.refused = f"{name} {detail}" if detail else name
         return sqlite3.SQLITE_DENY
+
+
+PRINTF_SPEC = re.compile(r"%[-+ 0#,!]*(\*|\d+)?(?:\.(\*|\d+))?([a-zA-Z%])")
+
+
+def guarded_printf(max_value_bytes: int):
+    """SQLite's ``printf``/``format``, refusing a width or precision over the value limit first.
+
+    The built-in spends time linear in a ``%.*c`` precision (up to 2^31) inside one step, where
+    neither the progress handler nor the length limit stops it; this checks the format, then
+    renders with the built-in on a private in-memory connection."""
+    local = threading.local()
+
+    def printf(template: Any, *args: Any) -> Any:
+        if template is None:
+            return None
+        position = 0
+        for width, precision, kind in PRINTF_SPEC.findall(str(template)):
+            for part in (width, precision):
+                if part == "*":
+                    value = args[position] if position < len(args) else 0
+                    position += 1
+                    try:
+                        size = abs(int(float(value)))
+                    except (TypeError, ValueError):
+                        size = 0
+                else:
+                    size = int(part) if part else 0
+                if size > max_value_bytes:
+                    raise ValueError(f"printf width or precision {size} is over the {max_value_bytes}-byte value limit")
+            position += kind != "%"
+        renderer = getattr(local, "connection", None)
+        if renderer is None:
+            renderer = local.connection = sqlite3.connect(":memory:", check_same_thread=False)
+            renderer.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
+        marks = ", ".join("?" * (len(args) + 1))
+        return renderer.execute(f"SELECT printf({marks})", (template, *args)).fetchone()[0]
+
+    return printf
 
 
 def resolve_database(db_path: str | Path, roots: list[str] | None = None) -> Path:
@@ -148,6 +201,9 @@ def open_read_only(db_path: str | Path, limits: Limits = Limits(),
     connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limits.max_value_bytes)
     connection.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, limits.max_sql_chars)
     connection.setlimit(sqlite3.SQLITE_LIMIT_WORKER_THREADS, 0)
+    printf = guarded_printf(limits.max_value_bytes)
+    for name in ("printf", "format"):
+        connection.create_function(name, -1, connection.reporting(printf), deterministic=True)
     connection.set_authorizer(connection.authorize)
     connection.set_progress_handler(connection.past_deadline, 1000)
     return connection
@@ -161,7 +217,7 @@ def run_query(connection: GuardedConnection, sql: str, timeout_s: float, max_row
               max_bytes: int | None = 1 << 20) -> Result:
     """Execute with a deadline, fetching row by row until the row or byte cap is passed."""
     with connection.query_lock:
-        connection.refused = None
+        connection.refused = connection.function_error = None
         connection.deadline = time.monotonic() + timeout_s
         try:
             cursor = connection.execute(sql)
@@ -174,6 +230,8 @@ def run_query(connection: GuardedConnection, sql: str, timeout_s: float, max_row
                 rows.append(row)
             cursor.close()
         except sqlite3.Error as error:
+            if connection.function_error is not None:
+                raise ToolError(connection.function_error) from None
             if connection.refused is not None:
                 raise ToolError(f"only reads of the task database are allowed; SQLite refused "
                                 f"{connection.refused}") from None
