@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import inspect
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +72,7 @@ class ToolExecutor:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     server_url: str | None = None
     token: str | None = None
+    sync_workers: int = 16  # threads for synchronous tools, shared by all trajectories
 
     def __post_init__(self) -> None:
         self.tool_classes: dict[str, type[Tool]] = {}
@@ -77,6 +80,7 @@ class ToolExecutor:
             cls = get_tool_class(name)
             self.tool_classes[cls.name] = cls
         self._semaphores: dict[tuple[int, str], asyncio.Semaphore] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._client = None
         if self.server_url:
             from agentrl.client import ToolServerClient
@@ -101,9 +105,21 @@ class ToolExecutor:
             self._semaphores[key] = asyncio.Semaphore(cls.max_concurrency)
         return self._semaphores[key]
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The bounded pool synchronous tools run on. It is never the event loop's default pool,
+        which engines use (a timed-out call keeps its thread: ``wait_for`` cannot stop a thread),
+        so tools that hang can use up this pool but never starve generation."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.sync_workers, thread_name_prefix="agentrl-tool")
+        return self._pool
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class ToolSession:
@@ -191,9 +207,9 @@ class ToolSession:
         instance = await self._instance(cls)
         semaphore = self.executor.semaphore(cls)
         if semaphore is None:
-            return await asyncio.wait_for(_invoke(instance, arguments), cls.timeout)
+            return await asyncio.wait_for(_invoke(instance, arguments, self.executor.pool), cls.timeout)
         async with semaphore:
-            return await asyncio.wait_for(_invoke(instance, arguments), cls.timeout)
+            return await asyncio.wait_for(_invoke(instance, arguments, self.executor.pool), cls.timeout)
 
     async def _instance(self, cls: type[Tool]) -> Tool:
         lock = self._setup_locks.setdefault(cls.name, asyncio.Lock())
@@ -205,12 +221,12 @@ class ToolSession:
         return self._instances[cls.name]
 
 
-async def _invoke(instance: Tool, arguments: dict[str, Any]) -> Observation:
+async def _invoke(instance: Tool, arguments: dict[str, Any], pool: ThreadPoolExecutor) -> Observation:
     call = instance.call  # type: ignore[attr-defined]
     if inspect.iscoroutinefunction(call):
         value = await call(**arguments)
     else:
-        value = await asyncio.to_thread(call, **arguments)
+        value = await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, **arguments))
     return to_observation(value)
 
 

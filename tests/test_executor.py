@@ -114,3 +114,47 @@ def test_truncation_with_the_real_tokenizer_fits_the_budget(tokenizer):
     cut = truncate_observation(text, tokenizer, 32, "middle")
     body = cut.replace(cut[cut.index("\n[..."): cut.index("...]\n") + 5], "")
     assert len(tokenizer.encode(body, add_special_tokens=False)) <= 34
+
+
+STUCK = __import__("threading").Event()
+
+
+class Stuck(__import__("agentrl").Tool):
+    """A synchronous tool that hangs until released."""
+
+    timeout = 0.2
+
+    def call(self, x: int = 0) -> str:
+        STUCK.wait(30)
+        return "late"
+
+
+def test_stuck_sync_tools_do_not_delay_a_generate(tokenizer, tiny_model):
+    from agentrl.engines.base import SamplingParams
+    from agentrl.engines.hf import HFEngine
+
+    engine = HFEngine(tiny_model, tokenizer)
+    prompt = tokenizer.encode("The capital of France is")
+
+    async def main():
+        await engine.generate(prompt, SamplingParams(max_new_tokens=2, temperature=0.0))  # warm up
+        executor = ToolExecutor(["tests.test_executor:Stuck"])
+        async with executor.session("t") as session:
+            results = await session.run([ToolCall("stuck", {"x": i}) for i in range(40)])
+        assert {r.status for r in results} == {"timeout"}  # 40 calls hold 16 threads of the tool pool
+        started = time.perf_counter()
+        result = await engine.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0.0))
+        generate_s = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(None, lambda: None)  # the default pool is free
+        default_pool_s = time.perf_counter() - started
+        await engine.close()
+        await executor.close()
+        return result, generate_s, default_pool_s
+
+    try:
+        result, generate_s, default_pool_s = asyncio.run(main())
+    finally:
+        STUCK.set()
+    assert len(result.token_ids) == 4
+    assert generate_s < 10 and default_pool_s < 5  # the stuck calls hang for 30 s
