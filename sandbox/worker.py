@@ -465,29 +465,52 @@ def remove_ipc_objects():
             remove(int(row.split()[1]))
 
 
+def _remove_files_here(deadline):
+    """Unlink everything in the current directory but subdirectories; return those."""
+    subdirectories = []
+    with os.scandir(".") as entries:
+        for count, entry in enumerate(entries):
+            if count % 1024 == 0 and time.monotonic() > deadline:
+                raise TimeoutError
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.name)
+            else:
+                os.unlink(entry.name)
+    return subdirectories
+
+
+def _unlock(path):
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        os.chmod(path, 0o700)  # a job locked it (chmod 000); it belongs to our uid
+
+
 def wipe(directory, deadline):
-    """Empty ``directory`` without recursion (a 3000-deep tree must not raise RecursionError),
-    unlocking what the job locked (``chmod 000``: it is our uid's). False past the deadline."""
-    stack = [directory]
-    while stack:
-        path = stack[-1]
-        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-            os.chmod(path, 0o700)
-        pushed = False
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if time.monotonic() > deadline:
-                    return False
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                    pushed = True
-                else:
-                    os.unlink(entry.path)
-        if not pushed:
-            stack.pop()
-            if path != directory:
-                os.rmdir(path)
-    return True
+    """Empty ``directory`` without recursion and by relative names, so a tree thousands of levels
+    deep neither raises RecursionError nor exceeds PATH_MAX. The job's processes are dead by now,
+    so nothing changes underneath. False if the deadline passed first."""
+    _unlock(directory)
+    os.chdir(directory)
+    try:
+        levels = []  # for each level below ``directory``: (its name, its parent's subdirectories still to empty)
+        pending = _remove_files_here(deadline)
+        while pending or levels:
+            if time.monotonic() > deadline:
+                return False
+            if pending:
+                name = pending.pop()
+                _unlock(name)
+                os.chdir(name)
+                levels.append((name, pending))
+                pending = _remove_files_here(deadline)
+            else:
+                name, pending = levels.pop()
+                os.chdir("..")
+                os.rmdir(name)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        os.chdir("/")
 
 
 def workdir_is_clean():

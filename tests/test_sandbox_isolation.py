@@ -407,3 +407,27 @@ def test_a_job_that_attacks_its_zygote_fails_itself_not_the_infrastructure(singl
     assert result.sandbox_error is None and not result.ok, result
     after = single.run("print(6 * 7)")
     assert after.ok and after.stdout == "42\n", after
+
+
+def test_the_wipe_empties_a_deep_locked_tree_by_relative_names(tmp_path):
+    # 3000 levels make a path far beyond PATH_MAX and beyond Python's recursion limit.
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {os.path.abspath("sandbox")!r})
+        import worker
+        root = {str(tmp_path / "root")!r}
+        os.makedirs(root)
+        os.chdir(root)
+        for i in range(200):
+            open(f"f{{i}}", "w").close()
+            os.symlink("/", f"l{{i}}")
+        for _ in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+            open("x", "w").close()
+        os.chdir(root)
+        os.chmod("d", 0)
+        print(worker.wipe(root, time.monotonic() + 60), os.listdir(root))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout == "True []\n", result.stderr[-2000:]
