@@ -29,13 +29,16 @@ class SleepEnv(SearchQAEnv):
         return Reward(float(trajectory.answer == "done"), trajectory.answer == "done")
 
 
+SLOW_FIRST_CALL_S = 3.0  # far beyond what the fast groups take, even on a loaded machine
+
+
 def script(conversation: str) -> str:
-    """Fast tasks: one 10 ms tool call. Slow tasks: three 300 ms calls. Then the answer."""
+    """Fast tasks: one 10 ms tool call. Slow tasks: a 3 s call, then two 10 ms ones. Then the answer."""
     slow = "user\nslow" in conversation
     done = conversation.count("<information>")
     if done >= (3 if slow else 1):
         return "<answer>done</answer>"
-    return f"<sleep>{0.3 if slow else 0.01}</sleep>"
+    return f"<sleep>{SLOW_FIRST_CALL_S if slow and done == 0 else 0.01}</sleep>"
 
 
 def make_worker(tokenizer, max_staleness=1):
@@ -59,7 +62,7 @@ def test_step_ends_at_the_target_and_unfinished_groups_carry_over(tokenizer):
     worker = make_worker(tokenizer)
     assert worker.partial.tasks_needed(2) == 3
     batch, elapsed = first_step(worker)
-    assert elapsed < 0.3  # did not wait for the slow group's 3 x 300 ms of tools
+    assert elapsed < SLOW_FIRST_CALL_S  # did not wait for the slow group's tools
     assert sorted({t.group_id for t in batch.trajectories}) == ["fast-a", "fast-b"]
     assert all(t.reward == 1.0 and t.policy_version == 0 for t in batch.trajectories)
     assert batch.metrics["partial/groups_carried"] == 1.0
@@ -160,3 +163,33 @@ def test_a_trajectory_cancelled_while_its_tools_close_does_not_generate_again(to
     assert trajectory.stop_reason == "answer" and trajectory.reward == 1.0 and run.done
     assert [(s.role, s.turn) for s in trajectory.turns] == [("assistant", 0), ("observation", 0), ("assistant", 1)]
     assert tokenizer.decode(trajectory.response_ids).count("<answer>") == 1
+
+
+def test_the_carried_pool_restores_exactly_from_its_saved_state(tokenizer):
+    worker = make_worker(tokenizer)
+    first_step(worker)
+    state = json.loads(json.dumps(worker.state_dict()))
+    restored = make_worker(tokenizer)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    saved, loaded = worker.partial.carried, restored.partial.carried
+    assert [g.task for g in saved] == [g.task for g in loaded]
+    for before, after in zip([r for g in saved for r in g.runs], [r for g in loaded for r in g.runs]):
+        assert before.trajectory.to_dict() == after.trajectory.to_dict()
+        assert (before.seed, before.turn, before.tools_pending, before.finish_reason, before.done) == \
+            (after.seed, after.turn, after.tools_pending, after.finish_reason, after.done)
+
+
+def test_a_group_with_a_run_past_the_staleness_bound_is_dropped_whole(tokenizer):
+    worker = make_worker(tokenizer, max_staleness=1)
+    first_step(worker)
+    finished, left = worker.partial.carried[0].runs
+    asyncio.run(worker.advance(finished))  # one sample of the slow group completes...
+    assert finished.done and finished.trajectory.trainable
+    worker.engine.update_weights()
+    worker.engine.update_weights()  # ...and the other's version-0 tokens are now 2 versions old
+    batch = asyncio.run(worker.run_batch([], seed=2, target_groups=1))
+    assert [t.stop_reason for t in batch.trajectories] == ["answer", "stale"]
+    assert batch.trajectories[0].metadata["dropped"] and not any(t.trainable for t in batch.trajectories)
+    # a group with nothing left to train does not count towards the step's target
+    assert batch.metrics["partial/groups_complete"] == 0.0 and batch.metrics["partial/trajectories_stale"] == 1.0
