@@ -104,3 +104,11 @@ def test_only_allowlisted_formats_are_decoded(format):
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8), "red").save(buffer, format=allowed)
         assert load_image(buffer.getvalue()).size == (8, 8)
+
+
+def test_the_images_a_trajectory_accumulates_are_bounded():
+    big = Image.new("L", (4000, 4000))  # 16 MP, allowed alone
+    results = run_ops([big], [{"operation": "flip"}] * 5)
+    # the original plus three flips hold 64 MP: the fourth flip would pass the budget
+    assert [r.status for r in results] == ["ok", "ok", "ok", "error", "error"]
+    assert "pixel budget" in results[3].observation.text and "crop" in results[3].observation.text

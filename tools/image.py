@@ -15,6 +15,8 @@ from agentrl.tool import Observation, Tool, ToolError
 
 MAX_PIXELS = 16_000_000  # refuse to create or accept anything larger (decompression bombs)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Every result is kept with the trajectory's images: their pixels together are bounded too.
+MAX_TRAJECTORY_PIXELS = 64_000_000
 # Only these decoders ever see outside bytes: others are rarely needed and some run external
 # programs (EPS calls Ghostscript) or are large attack surfaces.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -64,6 +66,8 @@ def pixel_box(box: list[float], size: tuple[int, int], normalized: bool) -> tupl
 class ImageTool(Tool):
     """Transform one of the task's images (crop, zoom into a region, rotate, flip, resize or change
     contrast) and look at the result."""
+
+    option_names = ("max_trajectory_pixels",)
 
     name = "image"
     timeout = 20.0
@@ -121,6 +125,11 @@ class ImageTool(Tool):
                 raise ToolError("contrast factor must be between 0 and 10")
             result = ImageEnhance.Contrast(image.convert("RGB")).enhance(factor)
         check_image(result)  # a rotation with expand can grow the canvas
+        budget = int(self.options.get("max_trajectory_pixels", MAX_TRAJECTORY_PIXELS))
+        held = sum(i.width * i.height for i in images if isinstance(i, Image.Image))
+        if held + result.width * result.height > budget:
+            raise ToolError(f"this trajectory's images already hold {held:,} pixels; the result would pass the "
+                            f"{budget:,}-pixel budget. Work on a smaller region (crop) of an existing image")
         images.append(result)
         return Observation(f"image {len(images) - 1}: {operation} -> {result.width}x{result.height}", [result])
 
