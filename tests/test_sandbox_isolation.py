@@ -431,3 +431,22 @@ def test_the_wipe_empties_a_deep_locked_tree_by_relative_names(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout == "True []\n", result.stderr[-2000:]
+
+
+def test_waiting_for_a_busy_pool_is_bounded():
+    from agentrl.sandbox.base import SandboxUnavailable
+
+    backend = get_backend("bwrap", pool_size=1)
+    backend.worker_wait_s = 0.5  # the default (120 s) is for real queues
+    try:
+        busy = threading.Thread(target=lambda: backend.run("import time; time.sleep(3)", timeout=5))
+        busy.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(SandboxUnavailable, match="no sandbox worker became free"):
+            backend.run("print(1)")
+        assert time.monotonic() - started < 3
+        busy.join()
+        assert backend.run("print(1)").ok
+    finally:
+        backend.close()

@@ -10,7 +10,9 @@ trajectories of the process; a session belongs to one trajectory and ends with i
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentrl.sandbox.base import Backend, RunResult, SandboxUnavailable, get_backend
@@ -19,6 +21,13 @@ from agentrl.tool import InfraError, Tool, ToolContext
 
 _backends: dict[str, Backend] = {}
 _backends_lock = threading.Lock()
+# Calls that wait for a free sandbox wait here, not in asyncio's default executor, where they would
+# starve every other tool's threads (SQL, images, local search).
+_executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agentrl-python-tool")
+
+
+async def in_sandbox_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(_executor, functools.partial(function, *args))
 
 
 def shared_backend(name: str, **options: Any) -> Backend:
@@ -63,9 +72,9 @@ class PythonTool(Tool):
             elif self.options.get("session", False):
                 if self.session is None:
                     self.session = self.backend.session(memory_mb)
-                result = await asyncio.to_thread(self.session.run, code, timeout)
+                result = await in_sandbox_thread(self.session.run, code, timeout)
             else:
-                result = await asyncio.to_thread(self.backend.run, code, "", None, timeout, memory_mb)
+                result = await in_sandbox_thread(self.backend.run, code, "", None, timeout, memory_mb)
         except SandboxUnavailable as error:  # no worker could start or became free: not the model's fault
             raise InfraError(str(error)) from None
         if result.sandbox_error:
@@ -112,5 +121,5 @@ class PythonTool(Tool):
 
     async def close(self) -> None:
         if self.session is not None:
-            await asyncio.to_thread(self.session.close)
+            await in_sandbox_thread(self.session.close)
             self.session = None
