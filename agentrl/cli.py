@@ -102,7 +102,7 @@ def train_command(config: ConfigArg = None, overrides: OverridesArg = None) -> N
 def sft_command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
     """Supervised fine-tuning on demonstration chats (sft.data, or generated for the demo envs)."""
     resolved = resolve_config(config, overrides, preflight=True)
-    from agentrl.trainer.sft import run_sft
+    from agentrl.trainer.local import run_sft
 
     try:
         metrics = run_sft(resolved, console=error_console)

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from agentrl.trainer.batching import collate, forward_response
-from agentrl.trainer.checkpoint import save_final_model
 from agentrl.trainer.optim import clip_and_step
 from agentrl.trajectory import Trajectory
 
@@ -270,27 +269,3 @@ def sft_warm_start(run) -> dict[str, float]:
     return sft_train(run.model, run.tokenizer, trajectories, config.sft.epochs, config.sft.lr, config.sft.batch_size,
                      config.trainer.micro_batch_size, config.trainer.max_grad_norm, config.trainer.seed,
                      config.trainer.precision)
-
-
-def run_sft(config, console=None) -> dict[str, float]:
-    """``agentrl sft CONFIG``: evaluate, fine-tune on demonstrations, evaluate, save to ``output_dir/model``."""
-    from agentrl.tracking import Tracker
-    from agentrl.trainer.local import build_run, close_run, evaluate
-
-    run = build_run(config)
-    tracker = Tracker(config.tracking.model_copy(update={"progress": False}), config.output_dir, 1,
-                      config.model_dump(mode="json"), console=console)
-    try:
-        metrics: dict[str, float] = {}
-        if config.trainer.eval_before:
-            metrics.update(evaluate(run, "eval_base"))
-        metrics.update(sft_warm_start(run))
-        run.engine.update_weights()
-        if config.trainer.eval_before:
-            metrics.update(evaluate(run))
-        tracker.log(0, metrics)
-        save_final_model(run.model, run.tokenizer, config.output_dir)
-    finally:
-        tracker.finish()
-        close_run(run)
-    return metrics
