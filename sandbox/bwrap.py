@@ -29,6 +29,7 @@ import platform
 import shutil
 import stat
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,6 +138,17 @@ def find_interpreter() -> Path:
     )
 
 
+def site_packages(interpreter: Path) -> list[str]:
+    """The interpreter's installed-package directories (masked inside: only the listed packages
+    are bound, at ``/opt/site``)."""
+    try:
+        output = subprocess.run([str(interpreter), "-I", "-S", "-c", "import site, sys; print(*site.getsitepackages(), "
+                                 "sep=chr(10))"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise SandboxUnavailable(f"cannot ask {interpreter} where its packages are: {error}") from None
+    return [line for line in output.splitlines() if line.startswith("/")]
+
+
 def package_binds(packages: tuple[str, ...]) -> list[tuple[Path, str]]:
     """(host path, sandbox path) of each importable package, plus numpy-style ``<pkg>.libs`` dirs."""
     binds = []
@@ -169,6 +181,7 @@ class BwrapBackend(PooledBackend):
         if self.bwrap is None:
             raise SandboxUnavailable("the bwrap backend needs bubblewrap: apt-get install bubblewrap")
         self.interpreter = find_interpreter()
+        self._site_packages = [path for path in site_packages(self.interpreter) if os.path.isdir(path)]
         self._seccomp = seccomp_program()
         self.packages = tuple(packages)
         self.preload = tuple(p for p in preload if p in self.packages)
@@ -215,6 +228,8 @@ class BwrapBackend(PooledBackend):
                 command += ["--ro-bind", path, path]
         if not str(self.interpreter).startswith(("/usr/", "/bin/", "/lib")):
             command += ["--ro-bind", str(interpreter_root), str(interpreter_root)]
+        for path in self._site_packages:  # whatever is installed there, package data included, is hidden
+            command += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
         for host, inside in package_binds(self.packages):
             command += ["--ro-bind", str(host), inside]
         command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py",

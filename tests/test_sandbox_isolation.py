@@ -450,3 +450,16 @@ def test_waiting_for_a_busy_pool_is_bounded():
         assert backend.run("print(1)").ok
     finally:
         backend.close()
+
+
+def test_the_interpreters_installed_packages_are_hidden(single):
+    # Site-packages may hold package data (a dataset's gold answers); only the listed packages are bound.
+    from agentrl.sandbox.bwrap import site_packages
+
+    hidden = [path for path in site_packages(single.interpreter) if os.path.isdir(path) and os.listdir(path)]
+    if not hidden:
+        pytest.skip("the sandbox interpreter has no installed packages here")
+    code = f"import os\nfor path in {hidden!r}:\n    print(os.listdir(path))\nimport numpy\nprint(numpy.arange(3).sum())"
+    result = single.run(code)
+    assert result.ok and result.stdout == "[]\n" * len(hidden) + "3\n", result
+    assert single.run(f"open({hidden[0] + '/x'!r}, 'w')").return_code != 0  # and they are read-only
