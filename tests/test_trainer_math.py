@@ -240,3 +240,36 @@ def test_dropout_is_disabled_for_rl(tokenizer):
     assert disable_dropout(model) > 0
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
+
+
+# -- the ArCHer critic resumes exactly --------------------------------------------------------------
+
+
+def test_an_archer_run_resumed_from_its_checkpoint_matches_an_unbroken_one(tmp_path, tiny_model_dir):
+    from agentrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    def config(name, steps, resume=False):
+        data = tiny_run_config(tmp_path / name, tiny_model_dir, algo={
+            "advantage": "archer", "archer": {"warmup_steps": 1, "updates_per_step": 3, "hidden_size": 8}},
+            trainer={"steps": steps, "save_every": 1}).model_dump()
+        data["output_dir"], data["resume"] = str(tmp_path / name), resume
+        data["tracking"] = {"progress": False, "plot": False, "sample_trajectories": 0}
+        return build_config(data)
+
+    train(config("unbroken", 2))
+    train(config("resumed", 1))
+    train(config("resumed", 2, resume=True))
+    states = []
+    for name in ("unbroken", "resumed"):
+        extra: dict = {}
+        from agentrl.models import load_model
+
+        model, _ = load_model(str(tiny_model_dir))
+        load_checkpoint(latest_checkpoint(tmp_path / name), model, extra=extra)
+        states.append((model, extra["critic"]))
+    (model_a, critic_a), (model_b, critic_b) = states
+    assert critic_a["updates"] == critic_b["updates"] == 6 and critic_a["collections"] == 2
+    for key in ("critic", "target"):
+        assert all(torch.equal(critic_a[key][name], critic_b[key][name]) for name in critic_a[key])
+    assert all(torch.equal(critic_a["buffer"][k], critic_b["buffer"][k]) for k in critic_a["buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
