@@ -273,3 +273,27 @@ def test_an_archer_run_resumed_from_its_checkpoint_matches_an_unbroken_one(tmp_p
         assert all(torch.equal(critic_a[key][name], critic_b[key][name]) for name in critic_a[key])
     assert all(torch.equal(critic_a["buffer"][k], critic_b["buffer"][k]) for k in critic_a["buffer"])
     assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+
+
+def test_with_lora_the_kl_reference_keeps_the_sft_adapters(tmp_path, tiny_model_dir):
+    from agentrl.trainer.local import load_reference
+
+    demonstrations = write_demonstrations(tmp_path / "demos.jsonl")
+    config = ping_config(tiny_model_dir, tmp_path / "run", demonstrations, algo={"advantage": "grpo", "kl_coef": 0.1},
+                         model={"name": str(tiny_model_dir),
+                                "lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}},
+                         trainer={"steps": 0, "eval_before": False, "torch_threads": 1},
+                         sft={"enabled": True, "data": str(demonstrations), "epochs": 2, "lr": 1e-2, "batch_size": 8})
+    train(build_config(config))
+    adapters = weights(tmp_path / "run" / "reference")
+    final = weights(tmp_path / "run" / "model")  # 0 RL steps: the final model is the SFT model
+    lora_b = [name for name in adapters if "lora_B" in name]
+    assert lora_b and all(adapters[name].abs().sum() > 0 for name in lora_b)  # SFT trained them (B starts at 0)
+    assert all(torch.equal(adapters[name], final[name]) for name in adapters)
+    run = build_run(build_config(config))
+    try:
+        reference = load_reference(run)
+        loaded = {n: p for n, p in reference.named_parameters() if "lora_B" in n}
+        assert loaded and all(p.abs().sum() > 0 for p in loaded.values())
+    finally:
+        close_run(run)
