@@ -379,8 +379,10 @@ def judge_app(calls: list[str]) -> FastAPI:
         prompt = (await request.json())["messages"][0]["content"]
         predicted = re.search(r"<<<(.*?)>>>", prompt, re.DOTALL).group(1)
         calls.append(predicted)
-        if predicted == "slow":
-            await asyncio.sleep(5)
+        if predicted == "slow":  # 30 s, or until the client gives up
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                await asyncio.sleep(0.05)
         if predicted == "crash":
             return JSONResponse({"error": "overloaded"}, status_code=503)
         if predicted == "refused":
@@ -402,7 +404,7 @@ def judge_server():
 
 def test_the_judge_decides_what_exact_match_does_not(judge_server):
     url, calls = judge_server
-    judge = Judge(f"{url}/v1", timeout_s=5, attempts=2)
+    judge = Judge(f"{url}/v1", timeout_s=30, attempts=2)
     calls.clear()
     assert asyncio.run(score_solver(f"the city called {CITY}", CITY, QUESTION, "", judge)).reward == 1.0
     assert asyncio.run(score_solver("Vulmora", CITY, QUESTION, "", judge)).reward == 0.0
@@ -426,13 +428,15 @@ class Answering:
 @pytest.mark.parametrize("predicted, attempts_made", [("slow", 2), ("crash", 2), ("refused", 1), ("maybe", 1), ("garbled", 1)])
 def test_a_judge_failure_rejects_the_question_and_never_scores_the_solver(judge_server, tokenizer, predicted, attempts_made):
     url, calls = judge_server
-    judge = Judge(f"{url}/v1", timeout_s=0.5, attempts=2)
+    # Only the slow endpoint may time out; the others get a wide limit so a loaded machine cannot
+    # turn their one answer into a timeout and a retry.
+    judge = Judge(f"{url}/v1", timeout_s=0.5 if predicted == "slow" else 30, attempts=2)
     calls.clear()
     started = time.monotonic()
     result = asyncio.run(rag_check(Answering(tokenizer, predicted), tokenizer, QUESTION, CITY, [block(COMPANY)], judge=judge))
     assert not result.passed and result.reason == "judge_error" and judge.errors == 1
     assert calls == [predicted] * attempts_made
-    assert time.monotonic() - started < 30  # bounded by attempts x timeout, with a wide margin
+    assert time.monotonic() - started < 25  # attempts x timeout; without the timeout it takes 60 s
     score = asyncio.run(score_solver(predicted, CITY, QUESTION, "", judge))
     assert score.judge_error and score.reward == 0.0 and not score.correct
     with pytest.raises(JudgeError):
