@@ -227,8 +227,9 @@ def job_process(job_r, out_w, err_w):
 
 
 def zygote(go_r, status_w, job_r, out_w, err_w, preload):
-    """Import the heavy modules once, then for every go byte fork a job and report its pid and
-    exit status: all the zygote ever learns of a job."""
+    """Import the heavy modules once, then for every go byte fork a job and report its exit
+    status (and, outside a pid namespace of its own, first its pid, which the supervisor then needs
+    to kill it): all the zygote ever learns of a job."""
     for module in preload:
         try:
             __import__(module)  # warm imports: forked jobs get them for free
@@ -239,7 +240,8 @@ def zygote(go_r, status_w, job_r, out_w, err_w, preload):
         pid = os.fork()
         if pid == 0:
             job_process(job_r, out_w, err_w)
-        os.write(status_w, struct.pack(">i", pid))
+        if not OWN_NAMESPACES:
+            os.write(status_w, struct.pack(">i", pid))
         _, status = os.waitpid(pid, 0)
         os.write(status_w, struct.pack(">i", status))
     os._exit(0)
@@ -295,7 +297,8 @@ class Supervisor:
             kept += chunk[:room]
             dropped += len(chunk) - min(len(chunk), room)
 
-    def run(self, job):
+    def run(self, job, request):
+        """Run ``job`` (decoded from the frame ``request``, which the job process reads itself)."""
         started = time.monotonic()
         timeout = float(job.get("timeout", 10))
         limit = int(job.get("max_output_bytes", 65536))
@@ -308,13 +311,13 @@ class Supervisor:
         except ValueError as error:
             return {"sandbox_error": str(error), "return_code": None}
         deadline = started + timeout
-        data = json.dumps(job).encode()
-        pending = memoryview(struct.pack(">I", len(data)) + data)
+        pending = memoryview(struct.pack(">I", len(request)) + request)
         os.write(self.go_w, b"g")  # the zygote forks; the job reads its request as it is written
         kept = {self.out_r: bytearray(), self.err_r: bytearray()}
         dropped = {self.out_r: 0, self.err_r: 0}
-        words, timed_out = [], False  # the zygote's words: the job's pid, then its wait status
-        while len(words) < 2:
+        expected = 1 if OWN_NAMESPACES else 2  # the zygote's words: [the job's pid,] its wait status
+        words, timed_out = [], False
+        while len(words) < expected:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
@@ -337,13 +340,13 @@ class Supervisor:
         if timed_out:
             if pending:  # the job never took its request: the zygote is not working
                 return self._lost_zygote(kept, dropped, started)
-            self._kill_job(words[0] if words else None)
-            while len(words) < 2:
+            self._kill_job(words[0] if words and not OWN_NAMESPACES else None)
+            while len(words) < expected:
                 word = self._status(time.monotonic() + CLEANUP_S)
                 if word is None:
                     return self._lost_zygote(kept, dropped, started)
                 words.append(word)
-        status = words[1]
+        status = words[-1]
         for fd in kept:
             dropped[fd] += self._drain(fd, kept[fd], limit)
         stderr = text(kept[self.err_r], dropped[self.err_r])
@@ -403,11 +406,12 @@ def serve_pool(request_fd, reply_fd, preload):
     supervisor = Supervisor(preload, (request_fd, reply_fd))
     write_frame(reply_fd, {"ready": True})
     while True:
-        job = read_frame(request_fd)
-        if job is None:
+        header = read_exactly(request_fd, 4)
+        request = header and read_exactly(request_fd, struct.unpack(">I", header)[0])
+        if not request:
             return
         try:
-            result = supervisor.run(job)
+            result = supervisor.run(json.loads(request), request)
         except BaseException as error:
             result = {"sandbox_error": f"{type(error).__name__}: {error}", "return_code": None,
                       "replace_worker": "the supervisor failed"}
