@@ -159,3 +159,15 @@ def test_the_viewer_shows_a_failed_trajectory_s_status_and_reason(tokenizer):
     page = render_html(views)
     assert ".s-engine_error" in page and '"error": "EngineRequestError: ' in page
     assert 'el("div", "reason", t.status + ": " + t.error)' in page
+
+
+def test_partial_rollouts_contain_failures_and_drop_the_group_without_a_retry(tokenizer):
+    from agentrl.config import PartialRolloutConfig
+
+    engine = FaultyEngine(tokenizer)
+    worker = faulty_worker(tokenizer, engine=engine, partial=PartialRolloutConfig(enabled=True))
+    batch = asyncio.run(worker.run_batch(tasks(worker.env, ["engine-fails", "apple", "river"]), target_groups=3))
+    assert len(batch.trajectories) == 12 and sum(t.status == "engine_error" for t in batch.trajectories) == 1
+    assert {t.group_id for t in batch.trajectories if not t.trainable} == {"t0"}
+    assert batch.metrics["groups/dropped"] == 1.0 and batch.metrics["partial/groups_complete"] == 3.0
+    assert engine.requests["engine-fails"] == 4  # no retry in partial mode
