@@ -188,12 +188,16 @@ class RolloutWorker:
             except Exception as error:  # the tool session itself (its setup or close) failed
                 self._fail(trajectory, "tool_error", short_reason(error))
             await self._score(run)
+            with contextlib.suppress(Exception):  # the viewer's span texts; finish() retries on failure
+                trajectory.metadata["span_text"] = await self._off_loop(
+                    self.assembler.decode_spans, list(trajectory.response_ids), list(trajectory.turns))
         self.finish(run)
 
     def finish(self, run: TrajectoryRun) -> None:
         trajectory = run.trajectory
         if len(trajectory.metadata.get("span_text", ())) != len(trajectory.turns):
-            trajectory.metadata["span_text"] = self.assembler.decode_spans(trajectory.response_ids, trajectory.turns)
+            with contextlib.suppress(Exception):  # a tokenizer that cannot decode must not fail the batch
+                trajectory.metadata["span_text"] = self.assembler.decode_spans(trajectory.response_ids, trajectory.turns)
         run.done = True
 
     def render_prompt(self, task: Task) -> list[int]:
@@ -236,8 +240,6 @@ class RolloutWorker:
         trajectory.reward = score
         trajectory.turn_rewards = reward.turn_rewards
         trajectory.metrics.update({"success": float(reward.success), **reward.info})
-        trajectory.metadata["span_text"] = await self._off_loop(
-            self.assembler.decode_spans, list(trajectory.response_ids), list(trajectory.turns))
 
     def _fail(self, trajectory: Trajectory, status: str, reason: str) -> None:
         trajectory.status = trajectory.stop_reason = status

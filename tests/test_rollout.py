@@ -221,3 +221,32 @@ def test_several_xml_calls_in_one_turn_all_run(tokenizer):
     observation = spans_text(tokenizer, trajectory, "observation")
     assert len(observation) == 1 and observation[0].count("Doc 1(") == 2 and observation[0].endswith("</information>\n\n")
     assert trajectory.stop_reason == "answer"
+
+
+def test_templates_and_tokenisation_run_off_the_event_loop(tokenizer):
+    import threading
+
+    class Recording:
+        """The tokenizer, noting the thread of every encode, decode and template render."""
+
+        def __init__(self, inner):
+            self.inner, self.threads = inner, []
+
+        def __getattr__(self, name):
+            value = getattr(self.inner, name)
+            if name in ("encode", "decode", "apply_chat_template", "__call__"):
+                def recorded(*args, **kwargs):
+                    self.threads.append(threading.current_thread().name)
+                    return value(*args, **kwargs)
+                return recorded
+            return value
+
+    recording = Recording(tokenizer)
+    engine = ScriptedEngine(tokenizer, search_then_answer)  # the engine's own tokenizer is not the worker's
+    env = SearchQAEnv(prompt="short")
+    rollout = RolloutWorker(engine, recording, env, ToolExecutor(["search"]), RolloutConfig(), ToolsConfig())
+    loop_thread = threading.current_thread().name
+    trajectory = asyncio.run(rollout.run_trajectory(env.make_task(QUESTION, 0)))
+    assert trajectory.stop_reason == "answer" and trajectory.reward == 1.0
+    assert len(recording.threads) >= 5 and loop_thread not in recording.threads
+    assert set(recording.threads) == {"agentrl-text_0"}
