@@ -196,17 +196,21 @@ class BwrapBackend(PooledBackend):
 
     # -- command ---------------------------------------------------------------------------
 
-    def start_worker(self, mode: str, slot: int, memory_mb: int = 512) -> Worker:
+    def start_worker(self, mode: str, slot: int | None, memory_mb: int = 512) -> Worker:
         read_end, write_end = os.pipe()
         os.write(write_end, self._seccomp)
         os.close(write_end)
         cgroup = SandboxCgroup(self.cgroup_parent) if self.cgroup_parent is not None else None
+        lease = None
         try:
-            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), self.uid(slot), self.max_processes,
-                            self.environment(), pass_fds=(read_end,), cgroup=cgroup)
+            lease = self.lease_uid()
+            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), lease and lease.uid, self.max_processes,
+                            self.environment(), pass_fds=(read_end,), cgroup=cgroup, lease=lease)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
+            if lease is not None:
+                lease.release()
             raise
         finally:
             os.close(read_end)

@@ -4,7 +4,6 @@ protocol of :mod:`agentrl.sandbox.worker`, replaced whenever one dies or overrun
 from __future__ import annotations
 
 import base64
-import heapq
 import json
 import os
 import queue
@@ -26,6 +25,7 @@ from agentrl.sandbox.base import (
     Session,
 )
 from agentrl.sandbox.cgroup import SandboxCgroup
+from agentrl.sandbox.uids import Lease, lease_uid
 from agentrl.sandbox.worker import LANGUAGES
 
 # Outputs are capped inside the sandbox; a reply also carries fetched files (16 MiB, as base64) and
@@ -45,8 +45,9 @@ class Worker:
 
     def __init__(self, command: list[str], uid: int | None, processes: int, env: dict[str, str] | None = None,
                  pass_fds: tuple[int, ...] = (), max_reply_bytes: int = MAX_REPLY_BYTES,
-                 cgroup: SandboxCgroup | None = None) -> None:
+                 cgroup: SandboxCgroup | None = None, lease: Lease | None = None) -> None:
         self.uid = uid if uid is not None and os.geteuid() == 0 else None
+        self.lease = lease
         self.cgroup = cgroup
         procs = cgroup.procs if cgroup is not None else None
 
@@ -166,17 +167,20 @@ class Worker:
                 stream.close()
             except OSError:
                 pass
-        if self.cgroup is not None and self.process.poll() is not None:
+        gone = self.process.poll() is not None
+        if gone and self.cgroup is not None:
             self.cgroup.remove()
-        return self.process.poll() is not None
+        if gone and self.lease is not None:  # the uid is free again only once nothing runs as it
+            self.lease.release()
+        return gone
 
 
 class PooledBackend(Backend):
     """A backend whose executions go to a pool of warm workers. Subclasses say how to start one.
 
-    Pool workers own uids ``uid_base + slot`` (slot < ``pool_size``); each live session takes the
-    lowest free slot above them and gives it back once its sandbox is gone, so no two live workers
-    ever share a uid and uids do not grow with the number of sessions ever opened."""
+    When the host process is root, every worker (pooled or a session's) leases the lowest free uid
+    from ``uid_base`` up (:mod:`agentrl.sandbox.uids`) and gives it back once its sandbox is gone, so
+    no two live sandboxes share a uid, even across processes."""
 
     def __init__(self, pool_size: int = 2, max_processes: int = 32, tmpfs_mb: int = 64, uid_base: int | None = None,
                  max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, session_ttl_s: float = 600.0,
@@ -195,9 +199,6 @@ class PooledBackend(Backend):
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(pool_size):
             self._slots.put(slot)
-        self._free_session_slots: list[int] = []
-        self._next_session_slot = pool_size
-        self._slot_lock = threading.Lock()
         self._closed = False
         if uid_base is not None and os.geteuid() != 0:
             warnings.warn(
@@ -217,25 +218,21 @@ class PooledBackend(Backend):
         """What ``run`` accepts as ``language``: Python, and the interpreters this host has."""
         return ["python", *(name for name, (path, _) in LANGUAGES.items() if os.access(path, os.X_OK))]
 
-    def uid(self, slot: int) -> int | None:
-        """A distinct unprivileged host uid per worker (process limits and signals stay apart)."""
-        return None if self.uid_base is None else self.uid_base + slot
+    def lease_uid(self) -> Lease | None:
+        """A distinct unprivileged host uid for a new worker (process limits and signals stay apart)."""
+        return lease_uid(self.uid_base) if self.uid_base is not None and os.geteuid() == 0 else None
 
-    def start_worker(self, mode: str, slot: int, memory_mb: int = 512) -> Worker:
-        worker = Worker(self.command(mode, memory_mb), self.uid(slot), self.max_processes, self.environment())
+    def start_worker(self, mode: str, slot: int | None, memory_mb: int = 512) -> Worker:
+        lease = self.lease_uid()
+        try:
+            worker = Worker(self.command(mode, memory_mb), lease and lease.uid, self.max_processes, self.environment(),
+                            lease=lease)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         worker.slot = slot
         return worker
-
-    def take_session_slot(self) -> int:
-        with self._slot_lock:
-            if self._free_session_slots:
-                return heapq.heappop(self._free_session_slots)
-            self._next_session_slot += 1
-            return self._next_session_slot - 1
-
-    def give_back_session_slot(self, slot: int) -> None:
-        with self._slot_lock:
-            heapq.heappush(self._free_session_slots, slot)
 
     # -- pool ------------------------------------------------------------------------------
 
@@ -357,12 +354,7 @@ class PooledSession(Session):
                 self.expired = False
             if self.worker is None or not self.worker.alive:
                 self._stop()
-                slot = self.backend.take_session_slot()
-                try:
-                    self.worker = self.backend.start_worker("session", slot, self.memory_mb)
-                except BaseException:
-                    self.backend.give_back_session_slot(slot)
-                    raise
+                self.worker = self.backend.start_worker("session", None, self.memory_mb)
                 if self.worker.cgroup is not None:
                     self.worker.cgroup.limit(self.memory_mb)
             started = time.monotonic()
@@ -393,8 +385,7 @@ class PooledSession(Session):
 
     def _stop(self) -> None:
         if self.worker is not None:
-            if self.worker.kill():  # a uid goes back to the free list only once nothing runs as it
-                self.backend.give_back_session_slot(self.worker.slot)
+            self.worker.kill()
             self.worker = None
 
     def close(self) -> None:

@@ -324,24 +324,43 @@ def test_a_messy_job_pays_for_its_own_cleanup(single):
     assert len(sandbox_tree(single)) == 2  # only the supervisor and the zygote are left between jobs
 
 
-def test_session_uids_come_from_a_free_list(single):
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are separated only when the host process is root")
+def test_no_two_live_sandboxes_share_a_uid(single):
+    other = get_backend("bwrap", pool_size=2)  # a second backend in the same process
     sessions = [single.session() for _ in range(3)]
     try:
         for session in sessions:
             assert session.run("pass").ok
-        uids = [psutil.Process(s.worker.process.pid).uids().real for s in sessions]
-        pool_uids = {psutil.Process(w.process.pid).uids().real for w in list(single._idle.queue)}
-        assert len(set(uids)) == 3 and not set(uids) & pool_uids
+        workers = [*single._idle.queue, *other._idle.queue, *(s.worker for s in sessions)]
+        uids = [psutil.Process(w.process.pid).uids().real for w in workers]
+        assert len(uids) == 6 and len(set(uids)) == 6, uids
+        freed = uids[-2]
         sessions[1].close()
         again = single.session()
         sessions.append(again)
         assert again.run("pass").ok
-        assert psutil.Process(again.worker.process.pid).uids().real == uids[1]  # the freed uid is reused
-        live = [psutil.Process(s.worker.process.pid).uids().real for s in sessions if s.worker is not None]
-        assert len(live) == len(set(live))
+        live = [psutil.Process(w.process.pid).uids().real
+                for w in [*single._idle.queue, *other._idle.queue, *(s.worker for s in sessions if s.worker)]]
+        assert len(live) == len(set(live)) == 6 and freed not in uids[:-2]
     finally:
         for session in sessions:
             session.close()
+        other.close()
+
+
+def test_uid_leases_are_a_free_list_shared_between_processes(tmp_path):
+    from agentrl.sandbox.uids import lease_uid
+
+    first, second, third = (lease_uid(70000, tmp_path) for _ in range(3))
+    assert [first.uid, second.uid, third.uid] == [70000, 70001, 70002]
+    second.release()
+    assert lease_uid(70000, tmp_path).uid == 70001  # the freed uid is the first one taken again
+    # Another process leases past the uids this one holds, and its leases end when it exits.
+    code = ("import sys\nfrom agentrl.sandbox.uids import lease_uid\nfrom pathlib import Path\n"
+            f"print(lease_uid(70000, Path({str(tmp_path)!r})).uid)")
+    outside = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert outside.stdout == "70003\n", outside.stderr
+    assert lease_uid(70000, tmp_path).uid == 70003
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an unprivileged user")
