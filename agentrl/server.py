@@ -369,7 +369,8 @@ def create_app(
             return {"status": result.status, "text": result.observation.text, "images": encoded,
                     "latency_s": result.latency_s, "error": result.error}
 
-        new = {item.trajectory_id for item in batch.requests if item.trajectory_id not in sessions.sessions}
+        new = {item.trajectory_id for item in batch.requests
+               if item.trajectory_id not in sessions.sessions and not item.resume}
         if len(sessions.sessions) + len(new) > max_sessions:
             raise HTTPException(429, f"the tool server holds {len(sessions.sessions)} live sessions (at most "
                                      f"{max_sessions}); retry later", headers={"Retry-After": "1"})
