@@ -66,9 +66,9 @@ def measure(method, backend, code, calls, concurrency) -> tuple[float, float, fl
     return calls / elapsed, cuts[49] * 1e3, cuts[98] * 1e3
 
 
-def serve(concurrency: int) -> None:
+def serve(concurrency: int, uid_base: int) -> None:
     """Hold a warm pool; for each line ``<case> <calls>`` on stdin, measure and answer in JSON."""
-    backend = BwrapBackend(pool_size=concurrency)
+    backend = BwrapBackend(pool_size=concurrency, uid_base=uid_base)
     try:
         for code in CASES.values():
             for _ in range(20):
@@ -86,7 +86,8 @@ def compare(directory: str, calls: int, concurrency: int, repeats: int) -> None:
     alternating blocks of ``calls`` calls (the order flips every round) so both see the same
     machine load; the ratio is taken per adjacent pair."""
     processes = {}
-    for label, extra in (("baseline", ["--sandbox-dir", directory]), ("this", [])):
+    # Apart uid ranges: a baseline from before uid leases would share this one's uids (and process limit).
+    for label, extra in (("baseline", ["--sandbox-dir", directory, "--uid-base", "64000"]), ("this", ["--uid-base", "66000"])):
         processes[label] = subprocess.Popen([sys.executable, __file__, "--serve", "--concurrency", str(concurrency), *extra],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert processes[label].stdout.readline().strip() == "ready"
@@ -124,9 +125,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="rounds of --compare-with")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sandbox-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--uid-base", type=int, default=61000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.concurrency)
+        serve(args.concurrency, args.uid_base)
         return
     if args.compare_with:
         compare(args.compare_with, args.calls, args.concurrency, args.repeats)
