@@ -297,3 +297,13 @@ def test_with_lora_the_kl_reference_keeps_the_sft_adapters(tmp_path, tiny_model_
         assert loaded and all(p.abs().sum() > 0 for p in loaded.values())
     finally:
         close_run(run)
+
+
+def test_a_separately_clipped_group_has_its_own_norm_budget():
+    policy, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([policy, head], lr=1.0)
+    policy.grad, head.grad = torch.tensor([0.6, 0.8]), torch.tensor([30.0, 40.0])  # norms 1 and 50
+    grad_norm, stepped = clip_and_step(optimizer, [policy], 1.0, [head])
+    assert stepped and grad_norm == pytest.approx(1.0)
+    # jointly clipped, the head's norm 50 would have shrunk the policy's step to 1/50
+    assert torch.allclose(policy, torch.tensor([-0.6, -0.8])) and torch.allclose(head, torch.tensor([-0.6, -0.8]))

@@ -370,7 +370,10 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     generator = torch.Generator().manual_seed(config.trainer.seed * 100_003 + step)
     run.model.train()
-    parameters = [p for group in run.optimizer.param_groups for p in group["params"]]
+    # the value head (GAE) is clipped on its own budget: the policy's and the critic's gradients differ in scale
+    value_parameters = list(run.value_head.parameters()) if run.value_head is not None else []
+    value_ids = {id(p) for p in value_parameters}
+    parameters = [p for group in run.optimizer.param_groups for p in group["params"] if id(p) not in value_ids]
     updates = minibatches = skipped = 0
     for epoch in range(config.trainer.epochs):
         order = torch.randperm(batch.size, generator=generator)
@@ -423,7 +426,8 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                 loss.backward()
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
-            grad_norm, stepped = clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm)
+            grad_norm, stepped = clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm,
+                                               *([value_parameters] if value_parameters else []))
             minibatches += 1
             if stepped:
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm

@@ -6,15 +6,17 @@ import torch
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
-                  max_grad_norm: float) -> tuple[float, bool]:
+                  max_grad_norm: float, *separately_clipped: list[torch.nn.Parameter]) -> tuple[float, bool]:
     """Clip the gradients to ``max_grad_norm`` and step, unless their norm is not finite.
 
     A NaN or inf gradient (an overflow anywhere in the batch) would be written into the weights and
     the optimizer moments for good; that step is skipped instead and the gradients dropped (as
-    verl's actor does). Returns ``(grad_norm, stepped)``.
+    verl's actor does). ``separately_clipped`` groups (a value head) get a norm budget of their own,
+    so one loss cannot use up the other's. Returns ``(grad_norm of parameters, stepped)``.
     """
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    if not torch.isfinite(grad_norm):
+    others = [torch.nn.utils.clip_grad_norm_(group, max_grad_norm) for group in separately_clipped]
+    if not all(torch.isfinite(norm) for norm in [grad_norm, *others]):
         optimizer.zero_grad(set_to_none=True)
         return float(grad_norm), False
     optimizer.step()
