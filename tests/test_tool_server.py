@@ -190,3 +190,34 @@ def test_unreachable_server_is_an_infra_error():
 
     result = asyncio.run(main())
     assert result.status == "infra_error" and "unreachable" in result.error
+
+
+def test_a_trajectory_whose_session_the_server_lost_becomes_infra_error(tokenizer):
+    from agentrl.config import RolloutConfig, ToolsConfig
+    from agentrl.rollout import RolloutWorker
+    from agentrl.server import create_app
+    from tests.helpers.ping_env import PingEnv
+    from tests.helpers.scripted import ScriptedEngine
+    from tests.helpers.servers import serve_app
+
+    app = create_app(["tests.helpers.ping_env:PingTool"])
+    env = PingEnv()
+    with serve_app(app) as url:
+        def script(conversation):
+            pongs = conversation.count("<pong>")
+            if pongs == 1:  # the server restarts between two turns: the sessions it held are gone
+                app.state.sessions.sessions.clear()
+            return "<ping>hi</ping>" if pongs < 2 else "<answer>x</answer>"
+
+        async def main():
+            executor = ToolExecutor(list(env.tools), server_url=url)
+            worker = RolloutWorker(ScriptedEngine(tokenizer, script), tokenizer, env, executor,
+                                   RolloutConfig(max_turns=4), ToolsConfig())
+            trajectory = await worker.run_trajectory(env.make_task(env.load("eval")[0], 0))
+            await executor.close()
+            return trajectory
+
+        trajectory = asyncio.run(main())
+    assert [call.status for call in trajectory.tool_calls] == ["ok", "infra_error"]
+    assert trajectory.status == "infra_error" and not trajectory.trainable
+    assert "restarted" in trajectory.metadata["error"]
