@@ -247,7 +247,7 @@ class _Replies:
     """Answers by idempotency key: a repeated key (a retry) awaits or reuses the first attempt's
     work instead of running the calls again. Bounded by count and age."""
 
-    def __init__(self, max_entries: int = 4096, ttl_s: float = 900.0) -> None:
+    def __init__(self, max_entries: int = 1024, ttl_s: float = 300.0) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self.entries: collections.OrderedDict[str, tuple[str, float, asyncio.Future]] = collections.OrderedDict()
