@@ -80,8 +80,14 @@ class TokenAssembler:
             return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
         return list(plain.encode(text, add_special_tokens=False).ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep: tuple[str, ...] = ()) -> str:
+        """Model text for the parser: special tokens dropped, except those in ``keep`` (action tags
+        such as ``<tool_call>``, which some tokenizers register as special tokens)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        for token in getattr(self.tokenizer, "all_special_tokens", ()):
+            if token and token not in keep:
+                text = text.replace(token, "")
+        return text
 
     def decode_spans(self, ids: list[int], spans: list[Any]) -> list[str]:
         return [self.tokenizer.decode(ids[s.start:s.end]) for s in spans]

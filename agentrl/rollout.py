@@ -111,6 +111,8 @@ class RolloutWorker:
             else self.parser.stop_strings
         self.partial = PartialRolloutManager(self, self.config.partial)
         self.assembler = TokenAssembler(tokenizer, env)
+        names = [*self.parser.tags, "tool_call", "think"] + ([env.answer_tag] if env.answer_tag else [])
+        self._action_tags = tuple(f"<{n}>" for n in names) + tuple(f"</{n}>" for n in names)
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         # One thread for the tokenizer (its calls are serialised, never on the loop) and a small
         # bounded pool for rewards; neither is the default pool that engines and tools use.
@@ -331,7 +333,7 @@ class RolloutWorker:
         ids = [i for s in trajectory.turns if s.role == "assistant" and s.turn == turn
                for i in trajectory.response_ids[s.start:s.end]]
         with failing_as("template_error"):
-            text = await self._off_loop(self.assembler.decode, ids)
+            text = await self._off_loop(self.assembler.decode, ids, self._action_tags)
         return self.parser.parse(text)
 
     async def _tools(self, run: TrajectoryRun, session) -> bool:

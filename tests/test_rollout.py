@@ -257,3 +257,29 @@ def test_templates_and_tokenisation_run_off_the_event_loop(tokenizer):
     assert trajectory.stop_reason == "answer" and trajectory.reward == 1.0
     assert len(recording.threads) >= 5 and loop_thread not in recording.threads
     assert set(recording.threads) == {"agentrl-text_0"}
+
+
+def test_tool_call_tags_registered_as_special_tokens_are_still_parsed(tokenizer):
+    import copy
+
+    from agentrl.envs.base import Env, Reward, Task
+
+    special = copy.deepcopy(tokenizer)
+    special.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    assert "<tool_call>" in special.all_special_tokens
+
+    class JsonEnv(Env):
+        name, tools, action_format = "json_env", ("search",), "json"
+
+        def make_task(self, row, index):
+            return Task(id="j", messages=[{"role": "user", "content": "Who is Laskam Glimbys?"}])
+
+        def reward(self, task, trajectory):
+            return Reward(float(trajectory.answer is not None))
+
+    call = '<tool_call>{"name": "search", "arguments": {"query": "Laskam Glimbys"}}</tool_call>'
+    engine = ScriptedEngine(special, lambda c: call if "<|im_start|>tool" not in c else "<answer>a beekeeper</answer><|im_end|>")
+    rollout = RolloutWorker(engine, special, JsonEnv(), ToolExecutor(["search"]), RolloutConfig(), ToolsConfig())
+    trajectory = asyncio.run(rollout.run_trajectory(rollout.env.make_task({}, 0)))
+    assert [(c.tool, c.status) for c in trajectory.tool_calls] == [("search", "ok")]
+    assert trajectory.answer == "a beekeeper"

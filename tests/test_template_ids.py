@@ -192,10 +192,12 @@ def rollout(tokenizer, question, turns, answer):
 
 def piecewise_ids(tokenizer, rendered: str, outputs: list[str]) -> list[int]:
     """The rendering tokenised in pieces: template text with special tokens parsed, each tool output
-    (found in order) as plain text."""
+    (right after its message's opening wrapper, in order) as plain text."""
+    marker = "<tool_response>\n" if "<tool_response>" in rendered else "<|im_start|>tool\n"
     ids, position = [], 0
     for output in outputs:
-        start = rendered.index(output, position)
+        start = rendered.index(marker, position) + len(marker)
+        assert rendered.startswith(output, start)
         ids += tokenizer.encode(rendered[position:start], add_special_tokens=False)
         ids += tokenizer.encode(output, add_special_tokens=False, split_special_tokens=True)
         position = start + len(output)
