@@ -330,3 +330,25 @@ def test_the_cache_narrows_to_the_live_rows_when_long_rows_finish(tiny_model, to
         return long_result.token_ids, (await short).token_ids
 
     assert run(alone()) == run(together())
+
+
+def test_drain_returns_once_cancelled_requests_have_left_the_decode_thread(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    engine.eos_token_ids = set()
+
+    async def main():
+        requests = [asyncio.ensure_future(engine.generate(chat_ids(tokenizer, p), SamplingParams(max_new_tokens=400)))
+                    for p in PROMPTS]
+        while engine.forward_calls < 3:
+            await asyncio.sleep(0.001)
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
+        await asyncio.wait_for(engine.drain(), 60)
+        calls = engine.forward_calls
+        await asyncio.sleep(0.2)
+        return calls
+
+    calls = run(main())
+    assert calls == engine.forward_calls < 100  # nothing decodes after drain; the 400-token budgets were abandoned
+    assert engine.rows_cancelled == len(PROMPTS) and engine.cache_width == 0

@@ -60,6 +60,7 @@ class HFEngine:
         self.rows_cancelled = 0  # rows dropped mid-decode because their request was cancelled
         self.cache_width = 0  # columns of the running batch's KV cache (0 between batches)
         self._decode_thread: ThreadPoolExecutor | None = None
+        self._running: asyncio.Future | None = None  # the batch decoding now, on the decode thread
         self._joining: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._update_pending = threading.Event()  # stop admitting joiners so the batch drains
         eos = model.generation_config.eos_token_id
@@ -104,6 +105,13 @@ class HFEngine:
                 self.policy_version += 1
         finally:
             self._update_pending.clear()
+
+    async def drain(self) -> None:
+        """Wait until no batch is decoding. A trainer that cancels a step's unfinished requests
+        (partial rollouts) calls it before updating the module the engine shares: the rows of
+        cancelled requests leave at the next step, and then the decode thread is idle."""
+        while self._running is not None and not self._running.done():
+            await asyncio.wait({self._running})
 
     async def close(self) -> None:
         while not self._joining.empty():
@@ -154,6 +162,7 @@ class HFEngine:
                 if self._decode_thread is None:
                     self._decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentrl-hf-decode")
                 running = asyncio.get_running_loop().run_in_executor(self._decode_thread, self._run_batch, batch)
+                self._running = running
                 # While the batch decodes, requests that arrive join it at the next step.
                 while not running.done():
                     if pending is None:

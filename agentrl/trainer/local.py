@@ -235,7 +235,10 @@ async def collect(run: Run, step: int):
         return await run.worker.run_batch(next_tasks(run), seed=seed), run.config.trainer.prompts_per_step
     target = run.config.trainer.prompts_per_step
     tasks = next_tasks(run, run.worker.partial.tasks_needed(target))
-    return await run.worker.run_batch(tasks, seed=seed, target_groups=target), len(tasks)
+    batch = await run.worker.run_batch(tasks, seed=seed, target_groups=target)
+    if hasattr(run.engine, "drain"):  # the cancelled requests' rows leave the decode thread before the update
+        await run.engine.drain()
+    return batch, len(tasks)
 
 
 def refill_with_signal(run: Run, trainable: list[Trajectory], step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
