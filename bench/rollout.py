@@ -164,9 +164,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=4, help="steps of the partial-rollout comparison")
     parser.add_argument("--groups", type=int, default=8, help="target groups per step (group size 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own); 1 on a machine other jobs load: two OpenMP "
+                             "threads that wait for each other at every op run many times slower when descheduled")
     args = parser.parse_args()
     if min(args.turns, args.steps, args.groups, args.trajectories, args.tokens) < 1:
         parser.error("--turns, --steps, --groups, --trajectories and --tokens must be at least 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.model == "tiny":
         tokenizer = load_tokenizer("smollm2-135m-instruct")
         model = tiny_model(tokenizer)
@@ -196,7 +203,9 @@ def main() -> None:
 
     synchronous, asynchronous, partial = asyncio.run(run_both())
     tool_time = sum(map(sum, plans)) / 1000
-    print(f"model {args.model}; {args.trajectories} trajectories, {args.turns} tool turns + answer, "
+    import torch
+
+    print(f"model {args.model} ({torch.get_num_threads()} torch threads); {args.trajectories} trajectories, {args.turns} tool turns + answer, "
           f"{args.tokens} sampled tokens per turn{f' (median; log-normal sigma {args.spread})' if args.spread else ''}, "
           f"tool latency log-normal clipped to 50-500 ms (total {tool_time:.1f} s of tool time)")
     print(f"{'loop':<28}{'wall s':>8}")
