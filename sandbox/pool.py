@@ -270,8 +270,10 @@ class PooledBackend(Backend):
 
     def _retire(self, worker: Worker) -> None:
         """Replace a worker that died, overran or could not clean up after its job; the job that
-        caused it pays for the restart, not the next one."""
+        caused it pays for the restart, not the next one. After ``close`` it is only stopped."""
         worker.kill()
+        if self._closed:
+            return
         self._slots.put(worker.slot)
         try:
             self._replenish()
@@ -298,7 +300,7 @@ class PooledBackend(Backend):
         answer = worker.request(job, timeout + CLEANUP_S + 5.0)
         if answer is not None and worker.cgroup is not None and worker.cgroup.killed_for_memory():
             answer["memory_exceeded"] = True
-        if answer is not None and worker.alive and not answer.get("replace_worker"):
+        if answer is not None and worker.alive and not answer.get("replace_worker") and not self._closed:
             self._idle.put(worker)
         else:
             self._retire(worker)

@@ -168,7 +168,8 @@ def fetch_files(names, limit=MAX_FETCH_BYTES):
     files, missing, total = {}, {}, 0
     for name in names:
         try:
-            with open(inside_work(name), "rb") as handle:
+            # Non-blocking: a FIFO planted under the requested name must not hang the supervisor.
+            with open(os.open(inside_work(name), os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
                 if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                     missing[name] = "not a regular file"
                     continue

@@ -161,11 +161,12 @@ def test_bash_and_the_other_installed_languages(server):
 
 
 def test_fetch_files_returns_the_requested_files_within_a_bound(server):
-    code = "open('out.txt', 'w').write('result')\nimport os\nos.makedirs('d')\nopen('d/big', 'wb').write(b'x' * (20 << 20))"
-    body = httpx.post(f"{server}/run_code", json={"code": code, "fetch_files": ["out.txt", "missing.txt", "../etc/x", "d/big"]},
-                      timeout=60).json()
+    code = ("open('out.txt', 'w').write('result')\nimport os\nos.makedirs('d')\nopen('d/big', 'wb').write(b'x' * (20 << 20))\n"
+            "os.mkfifo('fifo')\nos.symlink('/dev/zero', 'zero')")
+    body = httpx.post(f"{server}/run_code", json={"code": code, "fetch_files": ["out.txt", "missing.txt", "../etc/x", "d/big",
+                                                                              "fifo", "zero"]}, timeout=60).json()
     assert body["status"] == "Success", body
     assert body["files"] == {"out.txt": base64.b64encode(b"result").decode()}
-    for name in ("missing.txt", "../etc/x", "d/big"):
+    for name in ("missing.txt", "../etc/x", "d/big", "fifo", "zero"):
         assert name in body["message"]  # each file not returned is named, with the reason
     assert "limit" in body["message"]
