@@ -51,24 +51,24 @@ class Worker:
         self.cgroup = cgroup
         procs = cgroup.procs if cgroup is not None else None
 
-        def prepare() -> None:  # between fork and exec: into the cgroup (while still allowed), then the uid
-            if procs is not None:
-                with open(procs, "w") as handle:
-                    handle.write("0")
+        def into_cgroup_then_demote() -> None:  # the cgroup move needs the host's rights, so it comes first
+            with open(procs, "w") as handle:
+                handle.write("0")
             if self.uid is not None:
-                import resource
-
                 os.setgroups([])
                 os.setgid(self.uid)
                 os.setuid(self.uid)
-                resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
 
         self.max_reply_bytes = max_reply_bytes
         self.failure = ""
-        preexec = prepare if self.uid is not None or procs is not None else None
+        # Without a cgroup the uid change is done by subprocess itself, in C: no Python code runs
+        # between fork and exec in this threaded process. Processes are limited inside the sandbox
+        # (RLIMIT_NPROC on every job, counted per sandbox uid).
+        options = ({"preexec_fn": into_cgroup_then_demote} if procs is not None else
+                   {"user": self.uid, "group": self.uid, "extra_groups": []} if self.uid is not None else {})
         self.process = _spawner.submit(
             subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=preexec, start_new_session=True, bufsize=0, env=env, pass_fds=pass_fds,
+            start_new_session=True, bufsize=0, env=env, pass_fds=pass_fds, **options,
         ).result()
         os.set_blocking(self.process.stdin.fileno(), False)
         self.lock = threading.Lock()
