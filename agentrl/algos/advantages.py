@@ -191,7 +191,7 @@ def turn_grpo_advantages(
     tolerance: float = 1e-8,
 ) -> Tensor:
     """Turn-level credit with a per-turn group baseline (MT-GRPO, Zeng et al. 2025, "Reinforcing
-    Multi-Turn Reasoning in LLM Agents via Turn-Level Credit Assignment", eq. 6)::
+    Multi-Turn Reasoning in LLM Agents via Turn-Level Credit Assignment")::
 
         A_{i,k} = (G_{i,k} - mean_{j in g: k < K_j} G_{j,k}) / (std_{j in g: k < K_j} G_{j,k} + eps)
 
@@ -219,8 +219,8 @@ def gigpo_advantages(
     rewards: Tensor, group_ids: Tensor, turn_returns: Tensor, turn_mask: Tensor, anchor_keys: Tensor,
     step_weight: float = 1.0, norm_std: bool = True, eps: float = 1e-6,
 ) -> Tensor:
-    """GiGPO (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent Training", eqs.
-    4-8): an episode-level group advantage plus a step-level one within anchor-state groups::
+    """GiGPO (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent Training"): an
+    episode-level group advantage plus a step-level one within anchor-state groups::
 
         A^E(tau_i)  = (R(tau_i) - mean_j R(tau_j)) / F_norm
         G^S(s~)     = {(a_t^j, R_t^j) : s_t^j = s~, j in the group},  R_t^j = sum_k gamma^k r_{t+k}^j

@@ -1,5 +1,5 @@
 """ArCHer's utterance-level critic (Zhou et al. 2024, "ArCHer: Training Language Model Agents via
-Hierarchical Multi-Turn RL", sec. 4, eqs. 2-4): a high-level critic over turns, trained off-policy
+Hierarchical Multi-Turn RL"): a high-level critic over turns, trained off-policy
 by TD, whose per-turn advantage drives a token-level policy gradient.
 
 A turn is one MDP step: state ``s_k`` is the conversation up to the turn (the prompt and the
@@ -7,11 +7,11 @@ observations so far), action ``a_k`` the assistant's utterance, ``r_k`` the turn
 outcome reward lands on the last turn) and ``s_{k+1}`` the state after the next observation. Twin
 heads (Fujimoto et al. 2018, clipped double Q) for both Q and V::
 
-    y_Q = r_k + gamma (1 - d_k) min_i Vbar_i(s_{k+1})          (eq. 2, Q from the target V)
-    y_V = min_i Qbar_i(s_k, a_k)                               (eq. 3, V from the target Q)
+    y_Q = r_k + gamma (1 - d_k) min_i Vbar_i(s_{k+1})          (Q from the target V)
+    y_V = min_i Qbar_i(s_k, a_k)                               (V from the target Q)
     L   = sum_i (Q_i(s_k, a_k) - y_Q)^2 + (V_i(s_k) - y_V)^2
     thetabar <- (1 - tau) thetabar + tau theta                 (Polyak-averaged target)
-    A_k = min_i Q_i(s_k, a_k) - min_i V_i(s_k)                 (eq. 4, every token of turn k)
+    A_k = min_i Q_i(s_k, a_k) - min_i V_i(s_k)                 (on every token of turn k)
 
 Features: the heads read the policy's own last-layer hidden state, detached, rather than a
 separate encoder. ``h(s_k)`` is the state before the turn's first token and ``h(s_k, a_k)`` the
@@ -111,7 +111,7 @@ class TurnCritic(torch.nn.Module):
 
 
 def td_loss(critic: TurnCritic, target: TurnCritic, batch: dict[str, Tensor], gamma: float) -> tuple[Tensor, dict[str, float]]:
-    """ArCHer's TD loss (eqs. 2-3) on a minibatch of transitions, targets from the target network."""
+    """ArCHer's TD loss on a minibatch of transitions, targets from the target network."""
     with torch.no_grad():
         next_v = torch.minimum(*target.v_values(batch["next_state"]))
         q_target = batch["reward"] + gamma * (1.0 - batch["done"]) * next_v
@@ -133,7 +133,7 @@ def polyak_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) 
 
 @torch.no_grad()
 def archer_advantages(critic: TurnCritic, state: Tensor, action: Tensor, turn_mask: Tensor) -> Tensor:
-    """ArCHer's turn advantage (eq. 4)::
+    """ArCHer's turn advantage::
 
         A_k = min_i Q_i(s_k, a_k) - min_i V_i(s_k)
 

@@ -19,8 +19,8 @@ def tempered_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def sampling_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
-    """``log mu(a)`` for tokens ``a`` sampled with temperature ``T`` and nucleus ``p`` (Holtzman et
-    al. 2020, eq. 3)::
+    """``log mu(a)`` for tokens ``a`` sampled with temperature ``T`` and nucleus ``p`` (nucleus
+    sampling, Holtzman et al. 2020)::
 
         q = softmax(z / T),   N_p = smallest prefix of tokens by descending q with sum_N q >= p
         mu(a) = q_a / sum_{v in N_p} q_v       for a in N_p
