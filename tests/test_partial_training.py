@@ -6,32 +6,24 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from agentrl.envs.base import Reward, Task
 
 from agentrl.config import build_config
-from agentrl.tool import Tool
 from agentrl.tracking import read_metrics
 from agentrl.trainer.local import train
-from tests.helpers.ping_env import PingEnv, write_demonstrations
-from tests.test_trainer import ping_config
+from tests.helpers.ping_env import PingEnv, PingTool, write_demonstrations
+from tests.test_trainer import _run_cli, ping_config
 
-ROOT = Path(__file__).resolve().parent.parent
 SLOW_S = 0.5
 
 
-class SlowPing(Tool):
+class SlowPing(PingTool):
     """Reply to a ping; slow for the tasks marked slow (a long-tailed tool, as search or code is)."""
-
-    name = "ping"
-    timeout = 5.0
 
     async def call(self, message: str) -> str:
         """
@@ -40,7 +32,7 @@ class SlowPing(Tool):
         """
         if self.context.metadata.get("slow"):
             await asyncio.sleep(SLOW_S)
-        return "pong"
+        return await super().call(message)
 
 
 class SlowPingEnv(PingEnv):
@@ -102,13 +94,6 @@ def test_training_with_partial_rollouts_carries_groups_and_weights_stale_tokens(
         assert 0 < weight <= config.algo.stale_is_cap and weight != pytest.approx(1.0, abs=1e-6), weight
     trained = [t for step in range(1, steps + 1) for t in samples(tmp_path / "run", step) if t["stop_reason"] != "stale"]
     assert any(len({s["policy_version"] for s in t["turns"] if s["role"] == "assistant"}) > 1 for t in trained)
-
-def _run_cli(config: dict, path: Path) -> subprocess.Popen:
-    path.write_text(yaml.safe_dump(config))
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "agentrl.cli", "train", str(path)], cwd=ROOT, env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
 
 def _carried(checkpoint: Path) -> list[dict]:
     """The runs the checkpoint carries into its next step (not yet done), as saved."""
