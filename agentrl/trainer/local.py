@@ -362,7 +362,8 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     advantages, returns = compute_advantages(batch, loss_mask, algo, old_values, reward_kl(old, reference, loss_mask, algo),
                                              turn_advantages)
     if run.critic is not None and run.critic.collections <= algo.archer.warmup_steps:
-        return {**critic_metrics, "update/critic_warmup": 1.0}  # the actor waits for a trained critic
+        # the actor waits for a trained critic; the policy is unchanged, so nothing it sampled turns stale
+        return {**critic_metrics, "update/critic_warmup": 1.0, "update/skipped": 1.0}
     metrics = {**critic_metrics,
         "rollout/stale_fraction": float((batch.stale * loss_mask).sum() / loss_mask.sum()),
         "advantage/mean": float(adv.masked_mean(advantages, loss_mask)),
