@@ -204,8 +204,8 @@ class BwrapBackend(PooledBackend):
         lease = None
         try:
             lease = self.lease_uid()
-            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), lease and lease.uid, self.max_processes,
-                            self.environment(), pass_fds=(read_end,), cgroup=cgroup, lease=lease)
+            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), lease and lease.uid, self.environment(),
+                            pass_fds=(read_end,), cgroup=cgroup, lease=lease)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()

@@ -43,7 +43,7 @@ class Worker:
     """One sandboxed interpreter speaking the worker's length-prefixed JSON protocol. Every read and
     write is bounded in time and size, so nothing inside the sandbox can hang or flood the host."""
 
-    def __init__(self, command: list[str], uid: int | None, processes: int, env: dict[str, str] | None = None,
+    def __init__(self, command: list[str], uid: int | None, env: dict[str, str] | None = None,
                  pass_fds: tuple[int, ...] = (), max_reply_bytes: int = MAX_REPLY_BYTES,
                  cgroup: SandboxCgroup | None = None, lease: Lease | None = None) -> None:
         self.uid = uid if uid is not None and os.geteuid() == 0 else None
@@ -225,8 +225,7 @@ class PooledBackend(Backend):
     def start_worker(self, mode: str, slot: int | None, memory_mb: int = 512) -> Worker:
         lease = self.lease_uid()
         try:
-            worker = Worker(self.command(mode, memory_mb), lease and lease.uid, self.max_processes, self.environment(),
-                            lease=lease)
+            worker = Worker(self.command(mode, memory_mb), lease and lease.uid, self.environment(), lease=lease)
         except BaseException:
             if lease is not None:
                 lease.release()
