@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.engines.base import SamplingParams
-from agentrl.engines.openai import EngineRequestError, OpenAIEngine
+from agentrl.engines.openai import EngineRequestError, OpenAIEngine, WeightSyncError
 from agentrl.executor import ToolExecutor
 from agentrl.rollout import RolloutWorker
 from tests.helpers.scripted import ScriptedEngine
@@ -258,9 +258,9 @@ def test_weights_are_not_pretended_to_be_loaded(tokenizer):
     app = completions_app(StopScripted(tokenizer, lambda c: "<answer>x</answer>"))
     with serve_app(app) as url:
         engine = OpenAIEngine(url)
-        with pytest.raises(NotImplementedError, match="owns its weights.*set_policy_version"):
+        with pytest.raises(WeightSyncError, match="owns its weights.*set_policy_version"):
             engine.update_weights()
-        with pytest.raises(NotImplementedError):
+        with pytest.raises(WeightSyncError):
             engine.update_weights({"w": 1})
         assert engine.policy_version == 0
         engine.set_policy_version(3)

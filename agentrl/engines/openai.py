@@ -52,6 +52,10 @@ class EngineRequestError(RuntimeError):
     """The server refused the request (4xx) or answered something this engine cannot use."""
 
 
+class WeightSyncError(RuntimeError):
+    """This engine cannot put new weights into the server that samples for it."""
+
+
 def _transient(error: BaseException) -> bool:
     if isinstance(error, httpx.HTTPStatusError):
         return error.response.status_code >= 500 or error.response.status_code == 429
@@ -180,7 +184,7 @@ class OpenAIEngine:
     # -- weights -----------------------------------------------------------------------------
 
     def update_weights(self, state_dict: dict | None = None) -> None:
-        raise NotImplementedError(
+        raise WeightSyncError(
             f"the {self.server} server at {self.base_url} owns its weights and this engine cannot load any into it; "
             "reload them on the server (its weight-update endpoint, or a restart from the checkpoint), then call "
             "engine.set_policy_version(version) so that results carry the version the server now samples from")
