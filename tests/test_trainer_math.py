@@ -307,3 +307,30 @@ def test_a_separately_clipped_group_has_its_own_norm_budget():
     assert stepped and grad_norm == pytest.approx(1.0)
     # jointly clipped, the head's norm 50 would have shrunk the policy's step to 1/50
     assert torch.allclose(policy, torch.tensor([-0.6, -0.8])) and torch.allclose(head, torch.tensor([-0.6, -0.8]))
+
+
+# -- Q8: Clip-Cov / KL-Cov choose their tokens over the minibatch --------------------------------
+
+
+@pytest.mark.parametrize("option", [{"kl_cov_ratio": 0.2}, {"clip_cov_ratio": 0.2, "clip_cov_lower": -10.0, "clip_cov_upper": 10.0}])
+def test_the_covariance_token_choice_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_model_dir, option):
+    from agentrl.trainer.batching import collate
+    from agentrl.trainer.local import minibatch_covariance_selection
+
+    run = build_run(tiny_run_config(tmp_path, tiny_model_dir, algo=option))
+    try:
+        from agentrl.trainer.local import next_tasks
+
+        rollout = run.loop.run_until_complete(run.worker.run_batch(next_tasks(run), seed=1))
+        batch = collate(rollout.trajectories, run.tokenizer.pad_token_id)
+        advantages = torch.randn(batch.response_ids.shape, generator=torch.Generator().manual_seed(0)) * batch.loss_mask
+        choices = []
+        for micro in (1, 2, 6):
+            run.config.trainer.micro_batch_size = micro
+            generator = torch.Generator().manual_seed(5)
+            choices.append(minibatch_covariance_selection(run, batch, torch.arange(batch.size), None, advantages, generator))
+    finally:
+        close_run(run)
+    budget = max(int(0.2 * int(batch.loss_mask.sum())), 1)
+    assert int(choices[0].sum()) == budget  # one budget for the whole minibatch, not one per micro-batch
+    assert all(torch.equal(choices[0], other) for other in choices[1:])

@@ -116,6 +116,7 @@ def clip_cov_loss(
     cov_lower: float = 1.0,
     cov_upper: float = 5.0,
     generator: torch.Generator | None = None,
+    selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Clip-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", eq. 11).
 
@@ -123,9 +124,12 @@ def clip_cov_loss(
     tokens the PPO clip left alone, those with centred covariance
     ``Cov_t = (log pi_t - mean(log pi)) (A_t - mean(A))`` in ``(cov_lower, cov_upper)`` are
     candidates; a random ``clip_ratio`` fraction of all model tokens is drawn from them and their
-    gradient removed. Returns ``(token_loss, detached)``.
+    gradient removed. Returns ``(token_loss, detached)``. ``selected`` gives the detached tokens
+    (chosen over a whole minibatch) instead of choosing them from this tensor's tokens.
     """
     token_loss, clipped = ppo_clip_loss(logprobs, old_logprobs, advantages, clip_low, clip_high, loss_mask=loss_mask)
+    if selected is not None:
+        return token_loss * (1.0 - selected), selected
     valid = loss_mask > 0
     centered_logprob = logprobs.detach() - masked_mean_scalar(logprobs.detach(), loss_mask)
     centered_advantage = advantages - masked_mean_scalar(advantages, loss_mask)
@@ -147,6 +151,7 @@ def kl_cov_loss(
     loss_mask: Tensor,
     kl_ratio: float = 2e-3,
     kl_coef: float = 1.0,
+    selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """KL-Cov (Cui et al. 2025, eq. 12): no ratio clip; the ``kl_ratio`` fraction of model tokens
     with the largest centred covariance get a KL penalty to the old policy instead::
@@ -154,15 +159,16 @@ def kl_cov_loss(
         l_t = -A_t rho_t + kl_coef * |log pi(a_t) - log pi_old(a_t)|   for the top-k Cov_t tokens
         l_t = -A_t rho_t                                              otherwise
 
-    Returns ``(token_loss, penalised)``.
+    Returns ``(token_loss, penalised)``. ``selected`` gives the penalised tokens (chosen over a
+    whole minibatch) instead of choosing them from this tensor's tokens.
     """
     log_ratio = _masked_log_ratio(logprobs, old_logprobs, loss_mask)
     ratio = torch.exp(log_ratio)
     token_loss = -advantages * ratio
     valid = (loss_mask > 0).flatten()
     valid_index = valid.nonzero().squeeze(-1)
-    penalised = torch.zeros_like(token_loss)
-    if valid_index.numel() and kl_ratio > 0:
+    penalised = torch.zeros_like(token_loss) if selected is None else selected
+    if selected is None and valid_index.numel() and kl_ratio > 0:
         flat_logprob = logprobs.detach().flatten()[valid_index]
         flat_advantage = advantages.flatten()[valid_index]
         covariance = (flat_logprob - flat_logprob.mean()) * (flat_advantage - flat_advantage.mean())

@@ -83,13 +83,15 @@ def compute_advantages(batch: TrainBatch, loss_mask: torch.Tensor, algo: AlgoCon
     raise ValueError(f"unknown advantage estimator {name!r}")
 
 
-def policy_token_loss(logprobs, old_logprobs, advantages, loss_mask, algo: AlgoConfig, generator=None):
-    """The configured surrogate: KL-Cov, Clip-Cov or PPO clip (with clip-higher and dual clip)."""
+def policy_token_loss(logprobs, old_logprobs, advantages, loss_mask, algo: AlgoConfig, generator=None, selected=None):
+    """The configured surrogate: KL-Cov, Clip-Cov or PPO clip (with clip-higher and dual clip).
+    ``selected``: the Cov tokens chosen over the whole minibatch (see :func:`covariance_selected`)."""
     if algo.kl_cov_ratio > 0:
-        return losses.kl_cov_loss(logprobs, old_logprobs, advantages, loss_mask, algo.kl_cov_ratio, algo.kl_cov_coef)
+        return losses.kl_cov_loss(logprobs, old_logprobs, advantages, loss_mask, algo.kl_cov_ratio, algo.kl_cov_coef,
+                                  selected)
     if algo.clip_cov_ratio > 0:
         return losses.clip_cov_loss(logprobs, old_logprobs, advantages, loss_mask, algo.clip_low, algo.clip_high,
-                                    algo.clip_cov_ratio, algo.clip_cov_lower, algo.clip_cov_upper, generator)
+                                    algo.clip_cov_ratio, algo.clip_cov_lower, algo.clip_cov_upper, generator, selected)
     return losses.ppo_clip_loss(logprobs, old_logprobs, advantages, algo.clip_low, algo.clip_high,
                                 algo.dual_clip, loss_mask=loss_mask)
 
@@ -123,3 +125,17 @@ def train_critic(run, batch: TrainBatch, features, step: int) -> tuple[dict[str,
     valid = batch.turn_mask > 0
     metrics["critic/advantage_abs_mean"] = float(turn_advantages[valid].abs().mean()) if valid.any() else 0.0
     return metrics, turn_advantages
+
+
+def uses_covariance_selection(algo: AlgoConfig) -> bool:
+    return algo.kl_cov_ratio > 0 or algo.clip_cov_ratio > 0
+
+
+def covariance_selected(logprobs, old_logprobs, advantages, loss_mask, algo: AlgoConfig, generator=None):
+    """Clip-Cov's detached or KL-Cov's penalised tokens chosen over a whole minibatch ``(B, T)``:
+    the centring means, the covariance and the budget ``max(int(ratio * N), 1)`` are the
+    minibatch's, so the choice (and the gradient) does not depend on ``micro_batch_size``, as the
+    paper's batch-level Cov. verl chooses per micro-batch."""
+    with torch.no_grad():
+        _, selected = policy_token_loss(logprobs, old_logprobs, advantages, loss_mask, algo, generator)
+    return selected

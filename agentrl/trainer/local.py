@@ -36,11 +36,13 @@ from agentrl.trainer.checkpoint import (
 )
 from agentrl.trainer.estimators import (  # noqa: F401  (reward_kl and policy_token_loss: the module's API)
     compute_advantages,
+    covariance_selected,
     groups_with_signal,
     kl_goes_in_reward,
     policy_token_loss,
     reward_kl,
     train_critic,
+    uses_covariance_selection,
 )
 from agentrl.trainer.optim import clip_and_step
 from agentrl.trainer.reference import load_reference, needs_post_sft_reference, snapshot_reference
@@ -386,6 +388,8 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                       "batch_sequences": losses.sequence_count(loss_mask[minibatch]),
                       "max_response_tokens": config.rollout.max_response_tokens}
             run.optimizer.zero_grad(set_to_none=True)
+            selected = minibatch_covariance_selection(run, batch, minibatch, old, advantages, generator) \
+                if uses_covariance_selection(algo) else None
             for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
                 sub = batch.select(rows)
                 width = sub.response_ids.shape[1]
@@ -410,7 +414,8 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
                 if epoch == 0:
                     stale_weights[0] += float((is_weights * stale * mask).sum())
                     stale_weights[1] += float((stale * mask).sum())
-                token_loss, clipped = policy_token_loss(out.logprobs, old_sub, cut(advantages), mask, algo, generator)
+                token_loss, clipped = policy_token_loss(out.logprobs, old_sub, cut(advantages), mask, algo, generator,
+                                                        None if selected is None else cut(selected))
                 policy_loss = losses.aggregate_loss(token_loss * is_weights, mask, algo.loss_agg, **totals)
                 loss = policy_loss
                 # metrics are token means whatever the loss aggregation, so they stay fractions and means
@@ -448,6 +453,24 @@ def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
     metrics["lr"] = run.optimizer.param_groups[0]["lr"]
     metrics["update/trajectories"] = float(batch.size)
     return metrics
+
+
+@torch.no_grad()
+def minibatch_covariance_selection(run: Run, batch: TrainBatch, minibatch: torch.Tensor, old: torch.Tensor | None,
+                                   advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``(B, T)``: the Clip-Cov/KL-Cov tokens of ``minibatch``, chosen from a no-grad pass of the
+    current policy over the whole minibatch (so ``micro_batch_size`` stays a memory knob only)."""
+    config = run.config
+    current = torch.zeros(batch.response_ids.shape)
+    for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
+        sub = batch.select(rows)
+        with autocast(run):
+            current[rows, : sub.response_ids.shape[1]] = forward_response(run.model, sub, **sampling_options(config)).logprobs
+    anchor = current[minibatch] if old is None else old[minibatch]
+    selected = torch.zeros(batch.response_ids.shape)
+    selected[minibatch] = covariance_selected(current[minibatch], anchor, advantages[minibatch],
+                                              batch.loss_mask[minibatch], config.algo, generator)
+    return selected
 
 
 # -- evaluation ----------------------------------------------------------------------------------
