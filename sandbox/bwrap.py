@@ -38,7 +38,7 @@ from agentrl.sandbox.cgroup import SandboxCgroup, delegated_cgroup
 from agentrl.sandbox.pool import PooledBackend, Worker
 
 WORKER = Path(__file__).with_name("worker.py")
-WORKER_SESSION = WORKER.with_name("worker_session.py")
+WORKER_MODULES = [WORKER.with_name(name) for name in ("worker_session.py", "worker_cleanup.py")]
 SANDBOX_SITE = "/opt/site"
 SHM_MB = 16  # /dev/shm, for multiprocessing's semaphores
 SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
@@ -185,7 +185,7 @@ class BwrapBackend(PooledBackend):
         self._seccomp = seccomp_program()
         self.packages = tuple(packages)
         self.preload = tuple(p for p in preload if p in self.packages)
-        unreachable = [str(host) for host, _ in [*package_binds(self.packages), (WORKER, ""), (WORKER_SESSION, "")]
+        unreachable = [str(host) for host, _ in [*package_binds(self.packages), (WORKER, ""), *((m, "") for m in WORKER_MODULES)]
                        if not _world_readable(host)]
         if unreachable:  # bwrap runs as an unprivileged uid and would fail on each of these
             raise SandboxUnavailable(
@@ -236,8 +236,10 @@ class BwrapBackend(PooledBackend):
             command += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
         for host, inside in package_binds(self.packages):
             command += ["--ro-bind", str(host), inside]
-        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py",
-                    "--ro-bind", str(WORKER_SESSION), "/opt/agentrl/worker_session.py", "--remount-ro", "/"]
+        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py"]
+        for module in WORKER_MODULES:
+            command += ["--ro-bind", str(module), f"/opt/agentrl/{module.name}"]
+        command += ["--remount-ro", "/"]
         environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": SANDBOX_SITE,
                        "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                        "AGENTRL_SANDBOX_ROOT": "/tmp", "AGENTRL_OWN_NAMESPACES": "1"}

@@ -14,7 +14,6 @@ from worker import (
     OWN_NAMESPACES,
     ROOT,
     WORK,
-    kill_everything_else,
     read_frame,
     remember_source,
     set_limits,
@@ -22,6 +21,7 @@ from worker import (
     text,
     write_frame,
 )
+from worker_cleanup import kill_everything_else
 
 CONTROL_FRAME_BYTES = 4096  # the interpreter's report: a few numbers
 
