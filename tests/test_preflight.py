@@ -105,3 +105,22 @@ def test_agentrl_train_with_a_misspelt_tool_ends_without_a_traceback(tmp_path):
         "config error: tools.names[0]: unknown tool 'serach'; did you mean 'search'? registered tools: "
         "image, python, search, sql; or give an import path like my_pkg.tools:MyTool"
     ]
+
+
+def test_built_in_tools_and_envs_declare_every_option_they_read():
+    """A declared option list that misses an option the code reads would refuse a valid config."""
+    import inspect
+    import re
+
+    from agentrl.envs import BUILTIN_ENVS, get_env_class
+
+    from agentrl.tool import registered_tools
+
+    classes = [cls for cls in registered_tools().values() if isinstance(cls, type)]
+    classes += [get_env_class(name) for name in BUILTIN_ENVS]
+    pattern = re.compile(r"""options(?:\.get\(|\[)\s*["']([a-z_]+)["']|["']([a-z_]+)["'] in self\.options""")
+    for cls in classes:
+        source = inspect.getsource(inspect.getmodule(cls))
+        read = {a or b for a, b in pattern.findall(source)}
+        assert cls.option_names is not None, f"{cls.__name__} declares no option_names"
+        assert read <= set(cls.option_names), f"{cls.__name__} reads undeclared options {read - set(cls.option_names)}"

@@ -271,6 +271,8 @@ class SQLTool(Tool):
 
     name = "sql"
     timeout = 15.0
+    option_names = ("db_path", "database_roots", "dialect", "query_timeout_s", "max_rows", "max_columns",
+                    "max_cell_chars", "max_result_bytes", "max_value_bytes")
 
     async def setup(self, context: ToolContext) -> None:
         await super().setup(context)
