@@ -67,11 +67,12 @@ class ToolsConfig(Section):
 
 
 class PartialRolloutConfig(Section):
-    """APRIL-style partial rollouts: over-provision, stop at the target, carry the rest over."""
+    """APRIL-style partial rollouts: over-provision, stop at the target, carry the rest over. In
+    ``agentrl train`` the target is ``trainer.prompts_per_step`` complete groups."""
 
     enabled: bool = False
-    over_provision: float = Field(1.5, ge=1.0)
-    max_staleness: int = Field(1, ge=0)
+    over_provision: float = Field(1.5, ge=1.0)  # groups in flight per step, as a multiple of the target
+    max_staleness: int = Field(1, ge=0)  # policy versions a carried trajectory may lag before its group is dropped
 
 
 class RolloutConfig(Section):
