@@ -74,25 +74,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--chunk", type=int, default=3, help="RL steps per arm before the other arm's turn")
     parser.add_argument("--deadline", default=None, help="UTC HH:MM by which the last chunk must end")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="continue a run of this script in --output-dir (both arms from their last chunk)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both arms (key=value)")
     args = parser.parse_args()
     if args.steps < 1 or args.chunk < 1:
         parser.error("--steps and --chunk must be at least 1")
 
     root = ROOT / args.output_dir
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
     log = root / "train.log"
     common = [*args.overrides, "tracking.progress=false", f"trainer.eval_every={args.chunk}",
               f"trainer.save_every={args.chunk}", "trainer.keep_checkpoints=1"]
-    print(f"warm start (SFT and the step-0 evaluation), shared by both arms; log: {log}", flush=True)
-    warm_s = train(args.config, root / "warm", [*common, "trainer.steps=0"], log)
-    print(f"  {warm_s:.0f} s", flush=True)
-    for arm in ARMS:
-        arm_dir = root / arm.replace(" ", "-")
-        shutil.copytree(root / "warm" / "checkpoints", arm_dir / "checkpoints")
-    done, wall = 0, {arm: 0.0 for arm in ARMS}
+    if args.resume:
+        warm_s = float((root / "warm_s").read_text())
+        wall = {arm: float((root / arm.replace(" ", "-") / "wall_s").read_text()) for arm in ARMS}
+        done = min(max(r["step"] for r in read_metrics(root / arm.replace(" ", "-") / "metrics.jsonl")) for arm in ARMS)
+        print(f"continuing after {done} steps per arm", flush=True)
+    else:
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        print(f"warm start (SFT and the step-0 evaluation), shared by both arms; log: {log}", flush=True)
+        warm_s = train(args.config, root / "warm", [*common, "trainer.steps=0"], log)
+        (root / "warm_s").write_text(str(warm_s))
+        print(f"  {warm_s:.0f} s", flush=True)
+        for arm in ARMS:
+            arm_dir = root / arm.replace(" ", "-")
+            shutil.copytree(root / "warm" / "checkpoints", arm_dir / "checkpoints")
+        done, wall = 0, {arm: 0.0 for arm in ARMS}
     while done < args.steps:
         chunk = min(args.chunk, args.steps - done)
         pair_started = time.perf_counter()
@@ -100,6 +109,7 @@ def main() -> None:
             seconds = train(args.config, root / arm.replace(" ", "-"),
                             [*common, *keys, "resume=true", f"trainer.steps={done + chunk}"], log)
             wall[arm] += seconds
+            (root / arm.replace(" ", "-") / "wall_s").write_text(str(wall[arm]))
             print(f"  {arm}: steps {done + 1}-{done + chunk} in {seconds:.0f} s", flush=True)
         done += chunk
         pair_s = time.perf_counter() - pair_started
