@@ -25,6 +25,8 @@ SLOW_S = 0.5
 class SlowPing(PingTool):
     """Reply to a ping; slow for the tasks marked slow (a long-tailed tool, as search or code is)."""
 
+    name = "ping"
+
     async def call(self, message: str) -> str:
         """
         Args:
