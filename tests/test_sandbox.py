@@ -18,9 +18,15 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewra
 SECRET = "agentrl-test-secret-value"
 
 
+# Sandboxes this test process already ran before the module's backend started (another test's
+# shared backend, still warm): theirs, not the backend under test.
+FOREIGN: set[int] = set()
+
+
 @pytest.fixture(scope="module")
 def sandbox():
     os.environ["AGENTRL_TEST_SECRET"] = SECRET
+    FOREIGN.update(sandbox_processes())
     backend = get_backend("bwrap", pool_size=2)
     yield backend
     backend.close()
@@ -31,6 +37,8 @@ def sandbox_processes() -> set[int]:
     the uid (other checkouts' sandboxes on a shared machine are not ours)."""
     found = set()
     for child in psutil.Process().children():
+        if child.pid in FOREIGN:
+            continue
         try:
             if "bwrap" in " ".join(child.cmdline()):
                 found |= {child.pid} | {p.pid for p in child.children(recursive=True)}
