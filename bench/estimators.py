@@ -34,6 +34,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.record import write_section  # noqa: E402
+
 BEGIN, END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
 DATA = ROOT / "envs" / "data" / "fictional"
 METHODS = ("grpo", "dr_grpo", "rloo", "turn_grpo", "gigpo", "archer")
@@ -177,13 +179,7 @@ def record(lines: list[str], command: str, args, total_s: float) -> None:
         "```",
         END,
     ])
-    benchmarks = ROOT / "BENCHMARKS.md"
-    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    benchmarks.write_text(text)
+    write_section(ROOT / "BENCHMARKS.md", BEGIN, END, section)
 
 
 def main() -> None:

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.record import write_section  # noqa: E402
+
 BEGIN, END = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"
 
 
@@ -123,13 +126,7 @@ def main() -> None:
         "same way, greedy, on the same held-out questions) but it is a gain over a weak warm start.",
         END,
     ])
-    benchmarks = ROOT / "BENCHMARKS.md"
-    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    benchmarks.write_text(text)
+    write_section(ROOT / "BENCHMARKS.md", BEGIN, END, section)
 
 
 if __name__ == "__main__":

@@ -226,16 +226,18 @@ def parse_completion(payload: dict[str, Any], policy_version: int = 0,
     if len(token_logprobs) != len(ids):
         raise EngineRequestError(f"the server returned {len(ids)} token ids but {len(token_logprobs)} logprobs")
     values = [float(v) if v is not None else 0.0 for v in token_logprobs]
-    reason, stop_reason = choice.get("finish_reason"), choice.get("stop_reason")
-    if reason == "length":
-        finish, stop_text = "length", None
-    elif reason == "abort":
-        finish, stop_text = "abort", None
-    elif isinstance(stop_reason, str):
-        finish, stop_text = "stop", stop_reason
-    else:
-        finish, stop_text = "eos", None
+    finish, stop_text = _finish(choice.get("finish_reason"), choice.get("stop_reason"))
     return GenerationResult([int(i) for i in ids], values, finish, stop_text, policy_version)
+
+
+def _finish(kind: Any, matched: Any) -> tuple[str, str | None]:
+    """A server's finish kind and matched stop (a string for a stop string, else an id or None) ->
+    this project's ``(finish_reason, stop_text)``."""
+    if kind in ("length", "abort"):
+        return kind, None
+    if isinstance(matched, str):
+        return "stop", matched
+    return "eos", None
 
 
 def parse_sglang(payload: dict[str, Any], policy_version: int = 0) -> GenerationResult:
@@ -260,12 +262,5 @@ def parse_sglang(payload: dict[str, Any], policy_version: int = 0) -> Generation
     values = [float(entry[0]) if entry[0] is not None else 0.0 for entry in entries]
     kind = finish_reason.get("type") if isinstance(finish_reason, dict) else finish_reason
     matched = finish_reason.get("matched") if isinstance(finish_reason, dict) else None
-    if kind == "length":
-        finish, stop_text = "length", None
-    elif kind == "abort":
-        finish, stop_text = "abort", None
-    elif isinstance(matched, str):
-        finish, stop_text = "stop", matched
-    else:
-        finish, stop_text = "eos", None
+    finish, stop_text = _finish(kind, matched)
     return GenerationResult([int(i) for i in ids], values, finish, stop_text, policy_version)
