@@ -203,6 +203,42 @@ class TrainerConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocasts the forward passes; weights stay in model.dtype
     eval_temperature: float = Field(0.0, ge=0.0)
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exactly reproducible runs
+    log_entropy: bool = False  # log the policy's token entropy every step (it is computed anyway when in the loss)
+
+
+class DrBoTConfig(Section):
+    """Dr.BoT's loss masks and group filter (recipes ``drbot`` and ``spear``; docs/spear.md)."""
+
+    masks: list[Literal["overlong", "incomplete", "repetitive", "unreadable"]] = [
+        "overlong", "incomplete", "repetitive", "unreadable"]
+    ngram: int = Field(20, gt=0)  # a row is repetitive when one n-gram of an assistant turn repeats this often
+    ngram_repeats: int = Field(10, gt=1)
+    keep_tool_callers: bool = False  # incomplete rows that called a tool keep their loss
+    group_keep_ratio: float = Field(0.75, gt=0.0, le=1.0)  # the groups with the largest reward std
+    trim_to_power_of_two: bool = True
+
+
+class SpearConfig(Section):
+    """SPEAR's two curricula (recipe ``spear``; docs/spear.md): the tool-call reward and self-imitation."""
+
+    tool_call_schedule: Literal["cosine", "constant", "none"] = "cosine"
+    tool_call_steps: int = Field(200, gt=0)  # T_tc: the cosine decays the bonus weight to 0 by this step
+    tool_call_variant: Literal["count", "qwen3"] = "count"
+    tool_call_per_call: float = Field(0.1, ge=0.0)
+    tool_call_cap: float = Field(1.0, ge=0.0)
+    invalid_action_penalty: float = Field(0.1, ge=0.0)  # per malformed tool call
+    buffer_size: int = Field(2048, gt=0)  # N: replay fires when more than trigger_factor * N rows beat the baseline
+    trigger_factor: float = Field(1.5, gt=0.0)
+    max_staleness: int = Field(5, ge=0)  # steps a buffered row may age before it is dropped
+    baseline_size: int = Field(10240, gt=0)  # group means kept for the P50 baseline
+    norm_std: bool = False  # divide the recalibrated advantages by the P50 group std
+    strict_positive: bool = False  # keep only rows strictly above the baseline (the math recipe)
+    require_tool_call: bool = False  # only rows with at least one tool call enter the buffer (the math recipe)
+    sil_coef: float = Field(1.0, ge=0.0)  # c_sil
+    sil_ramp_steps: int = Field(200, ge=0)  # T_sil: the cosine ramp of the SIL weight 0 -> c_sil
+    replay_clip_cov_ratio: float = Field(0.02, ge=0.0, le=1.0)
+    replay_clip_cov_lower: float = 2.0
+    replay_clip_cov_upper: float = 60.0
 
 
 class SftConfig(Section):
@@ -230,6 +266,7 @@ class RunConfig(Section):
 
     output_dir: str = "runs/default"
     resume: bool = False
+    recipe: str = "default"  # the training step's parts: default (GRPO/PPO family), drbot, spear, or pkg.mod:Recipe
     model: ModelConfig = ModelConfig()
     env: EnvConfig = EnvConfig()
     tools: ToolsConfig = ToolsConfig()
@@ -238,6 +275,8 @@ class RunConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
     sft: SftConfig = SftConfig()
     tracking: TrackingConfig = TrackingConfig()
+    drbot: DrBoTConfig = DrBoTConfig()
+    spear: SpearConfig = SpearConfig()
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -87,9 +87,9 @@ def test_learning_rate_schedules():
 def test_a_single_update_without_the_scoring_pass_gives_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
     """One optimizer step on the whole batch takes pi_old from the training forward pass instead of
     a separate scoring pass: the resulting weights must be those of the scoring path."""
-    import agentrl.trainer.local as local
+    import agentrl.trainer.update as update_module
 
-    single_update = local.single_update
+    single_update = update_module.single_update
     data = {
         "output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)},
         "env": {"name": "tests.helpers.ping_env:PingEnv", "eval_size": 2},
@@ -99,7 +99,7 @@ def test_a_single_update_without_the_scoring_pass_gives_the_same_weights(tmp_pat
     }
     results = []
     for fast in (True, False):
-        monkeypatch.setattr(local, "single_update", lambda config, size, fast=fast: fast)
+        monkeypatch.setattr(update_module, "single_update", lambda config, size, algo=None, fast=fast: fast)
         run = build_run(build_config(data))
         reward = run.env.reward
         run.env.reward = lambda task, trajectory, reward=reward: reward(task, trajectory).__class__(rewarded(trajectory))

@@ -10,6 +10,7 @@ logits, not the weights, dominate memory.
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -174,13 +175,15 @@ class ResponseOutputs:
 
 def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | None = None,
                      with_entropy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     with_hidden: bool = False, value_trunk_grad: bool = True) -> ResponseOutputs:
+                     with_hidden: bool = False, value_trunk_grad: bool = True,
+                     entropy_grad: bool = True) -> ResponseOutputs:
     """Log-probabilities (and optionally entropy, values and hidden states) of the response tokens
     under ``model``, scored at the sampling ``temperature`` and ``top_p`` (see
     :func:`agentrl.algos.sampling.sampling_logprobs`): the distribution the engine sampled from.
 
     ``value_trunk_grad=False`` detaches the hidden states before the value head, so the value loss
-    trains the head only and not the trunk it shares with the policy.
+    trains the head only and not the trunk it shares with the policy. ``entropy_grad=False``
+    computes the entropy for logging only, outside the autograd graph.
 
     Only the ``T + 1`` last columns get logits; the last one (after the final token) is dropped.
     """
@@ -198,7 +201,10 @@ def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | Non
     )
     logits = output.logits[:, :-1, :]
     logprobs = sampling_logprobs(logits, batch.response_ids, temperature, top_p)
-    entropy = entropy_from_logits(tempered_logits(logits, temperature)) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with nullcontext() if entropy_grad else torch.no_grad():
+            entropy = entropy_from_logits(tempered_logits(logits, temperature))
     values = hidden = None
     if value_head is not None or with_hidden:
         states = output.hidden_states[-1][:, batch.prompt_width - 1 : batch.prompt_width + response_width]

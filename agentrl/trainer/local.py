@@ -14,18 +14,15 @@ import math
 import resource
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from agentrl.algos import advantages as adv
 from agentrl.algos import critic as critic_lib
-from agentrl.algos import losses
 from agentrl.config import RunConfig, dump_config
-from agentrl.trainer.batching import TrainBatch, collate, forward_response
+from agentrl.recipes.base import next_tasks, tool_use_metrics  # noqa: F401  (next_tasks: the module's API)
 from agentrl.trainer.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -34,18 +31,15 @@ from agentrl.trainer.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
-from agentrl.trainer.estimators import (  # noqa: F401  (reward_kl and policy_token_loss: the module's API)
-    compute_advantages,
-    covariance_selected,
-    groups_with_signal,
-    kl_goes_in_reward,
-    policy_token_loss,
-    reward_kl,
-    train_critic,
-    uses_covariance_selection,
-)
-from agentrl.trainer.optim import clip_and_step
+from agentrl.trainer.estimators import policy_token_loss, reward_kl  # noqa: F401  (the module's API)
 from agentrl.trainer.reference import load_reference, needs_post_sft_reference, snapshot_reference
+from agentrl.trainer.update import (  # noqa: F401  (even_minibatches and the rest: the module's API)
+    LossBatch,
+    even_minibatches,
+    minibatch_covariance_selection,
+    single_update,
+    update,
+)
 from agentrl.trajectory import Trajectory
 
 
@@ -69,6 +63,7 @@ class Run:
     value_head: torch.nn.Module | None = None
     reference: Any = None  # a frozen copy of the policy RL starts from (after any SFT warm start)
     critic: Any = None  # ArCHer's utterance-level critic (agentrl.algos.critic.CriticLearner)
+    recipe: Any = None  # the training step's parts (agentrl.recipes)
     state: TrainerState = field(default_factory=TrainerState)
 
 
@@ -99,6 +94,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     from agentrl.envs import get_env_class
     from agentrl.executor import ToolExecutor
     from agentrl.models import disable_dropout, load_model, prepare_master_weights
+    from agentrl.recipes import get_recipe_class
     from agentrl.rollout import RolloutWorker
 
     transformers_logging.disable_progress_bar()  # the run has its own progress display
@@ -164,56 +160,31 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     train_rows = env.load("train", config.env.train_data)
     eval_rows = env.load("eval", config.env.eval_data)[: config.env.eval_size]
     eval_tasks = [env.make_task(row, index) for index, row in enumerate(eval_rows)]
-    return Run(config, model, tokenizer, engine, env, executor, worker, eval_worker, optimizer, scheduler,
-               train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic)
-
-
-def next_tasks(run: Run, count: int | None = None) -> list[Any]:
-    """The next ``count`` (default ``prompts_per_step``) tasks of the training stream: the rows in a
-    seeded random order, reshuffled every epoch, so that a data position alone says where a resumed
-    run continues."""
-    rows = run.train_rows
-    count = run.config.trainer.prompts_per_step if count is None else count
-    if not rows:
-        raise ValueError("the training split is empty; set env.train_data")
-    tasks = []
-    for position in range(run.state.data_position, run.state.data_position + count):
-        epoch, offset = divmod(position, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(run.config.trainer.seed * 7919 + epoch))
-        task = run.env.make_task(rows[int(order[offset])], int(order[offset]))
-        task.id = f"{task.id}@{position}"  # a row drawn twice in one step forms two groups
-        tasks.append(task)
-    run.state.data_position += count
-    return tasks
+    run = Run(config, model, tokenizer, engine, env, executor, worker, eval_worker, optimizer, scheduler,
+              train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic)
+    run.recipe = get_recipe_class(config.recipe)(run)
+    return run
 
 
 # -- one step ------------------------------------------------------------------------------------
 
 
 def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
-    """One RL step: rollout, reward (inside the rollout), filtering, advantages, update, new weights."""
-    config, step = run.config, run.state.step + 1
+    """One RL step, the recipe's parts in order (see :mod:`agentrl.recipes.base`): collect, score,
+    select, loss batches, update, after the update; then the new weights go to the engine."""
+    recipe, step = run.recipe, run.state.step + 1
     started = time.perf_counter()
     run.model.eval()
-    rollout, new_tasks = run.loop.run_until_complete(collect(run, step))
-    trajectories = rollout.trajectories
-    metrics = {**rollout.metrics, **tool_use_metrics(trajectories), "time/rollout_s": time.perf_counter() - started}
-    if config.rollout.partial.enabled:
-        metrics["partial/new_tasks"] = float(new_tasks)
-
-    trainable = [t for t in trajectories if t.trainable and t.reward is not None]
-    if config.algo.dynamic_sampling:
-        trainable, extra, sampling_metrics = refill_with_signal(run, trainable, step)
-        trajectories, metrics = trajectories + extra, {**metrics, **sampling_metrics}
-    batch = collate(trainable, run.tokenizer.pad_token_id, run.engine.policy_version) if trainable else None
-    if batch is not None and config.algo.overlong_filter:
-        batch.loss_mask = adv.overlong_filter(batch.loss_mask, batch.truncated)
-        metrics["filter/overlong_fraction"] = float(batch.truncated.float().mean())
+    trajectories, metrics = recipe.collect(step)
+    metrics["time/rollout_s"] = time.perf_counter() - started
+    metrics.update(recipe.score(trajectories, step))
+    trainable, extra, selected = recipe.select(trajectories, step)
+    trajectories, metrics = trajectories + extra, {**metrics, **selected}
+    parts, batch_metrics = recipe.loss_batches(trainable, step)
+    metrics.update(batch_metrics)
     update_started = time.perf_counter()
-    if batch is not None and batch.loss_mask.sum() > 0:
-        metrics.update(update_policy(run, batch, step))
-    else:
-        metrics["update/skipped"] = 1.0
+    metrics.update(update(run, parts, step))
+    metrics.update(recipe.after_update(parts, step))
     release_memory()
     with warnings.catch_warnings():
         # The schedule counts RL steps, also those whose update was skipped (before any
@@ -226,41 +197,6 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
     metrics["time/step_s"] = time.perf_counter() - started
     metrics["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return metrics, trajectories
-
-
-async def collect(run: Run, step: int):
-    """The step's rollout and how many new tasks it drew. With partial rollouts (APRIL) the pool is
-    over-provisioned (the carried groups plus new tasks up to ``over_provision * prompts_per_step``),
-    the step ends once ``prompts_per_step`` groups are complete and the rest carry into the next step."""
-    seed = (run.config.trainer.seed * 10_000 + step) * 1_000
-    if not run.config.rollout.partial.enabled:
-        return await run.worker.run_batch(next_tasks(run), seed=seed), run.config.trainer.prompts_per_step
-    target = run.config.trainer.prompts_per_step
-    tasks = next_tasks(run, run.worker.partial.tasks_needed(target))
-    batch = await run.worker.run_batch(tasks, seed=seed, target_groups=target)
-    if hasattr(run.engine, "drain"):  # the cancelled requests' rows leave the decode thread before the update
-        await run.engine.drain()
-    return batch, len(tasks)
-
-
-def refill_with_signal(run: Run, trainable: list[Trajectory], step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
-    """DAPO dynamic sampling (Yu et al. 2025, sec. 3.2): keep the groups with signal and draw more
-    prompts, at most ``algo.dynamic_sampling_max_draws`` further rounds, until ``prompts_per_step``
-    groups are kept; then keep exactly that many. Returns ``(kept, extra trajectories, metrics)``."""
-    config, target = run.config, run.config.trainer.prompts_per_step
-    kept = groups_with_signal(trainable, config.algo)
-    metrics = {"filter/kept_fraction": len(kept) / max(len(trainable), 1)}
-    extra, draws = [], 0
-    while len({t.group_id for t in kept}) < target and draws < config.algo.dynamic_sampling_max_draws:
-        draws += 1
-        seed = (config.trainer.seed * 10_000 + step) * 1_000 + 500 + draws  # within this step's seed block
-        rollout = run.loop.run_until_complete(run.worker.run_batch(next_tasks(run), seed=seed))
-        extra.extend(rollout.trajectories)
-        kept.extend(groups_with_signal([t for t in rollout.trajectories if t.trainable and t.reward is not None], config.algo))
-    groups = set(list(dict.fromkeys(t.group_id for t in kept))[:target])
-    kept = [t for t in kept if t.group_id in groups]
-    metrics.update({"filter/extra_draws": float(draws), "filter/groups": float(len(groups))})
-    return kept, extra, metrics
 
 
 def release_memory() -> None:
@@ -276,201 +212,6 @@ def release_memory() -> None:
     if libc and "libc.so" in libc:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(libc).malloc_trim(0)
-
-
-def tool_use_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
-    if not trajectories:
-        return {}
-    calls = [c for t in trajectories for c in t.tool_calls if c.tool]
-    return {
-        "tool_calls_per_trajectory": len(calls) / len(trajectories),
-        "tool_use_rate": sum(any(c.tool for c in t.tool_calls) for t in trajectories) / len(trajectories),
-    }
-
-
-def autocast(run: Run):
-    if run.config.trainer.precision == "bf16":
-        return torch.autocast(device_type=next(run.model.parameters()).device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
-
-
-def even_minibatches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """``ceil(B / size)`` minibatches of near-equal size: a ragged remainder of a few trajectories
-    would otherwise get a full Adam step (Adam's step size barely depends on the batch)."""
-    return [chunk for chunk in torch.tensor_split(rows, max(1, math.ceil(len(rows) / size))) if len(chunk)]
-
-
-def sampling_options(config: RunConfig) -> dict[str, float]:
-    """Score tokens under the distribution the rollout sampled from (temperature, top-p)."""
-    return {"temperature": config.rollout.temperature, "top_p": config.rollout.top_p}
-
-
-@torch.no_grad()
-def score_batch(run: Run, batch: TrainBatch):
-    """Logprobs of the current policy before the update (PPO's pi_old), the reference's, values, and
-    for ArCHer the turn-boundary features ``(state, action)``, each ``(B, K, H)``."""
-    shape, sampling = batch.response_ids.shape, sampling_options(run.config)
-    old, values = torch.zeros(shape), torch.zeros(shape) if run.value_head is not None else None
-    reference = torch.zeros(shape) if run.config.algo.kl_coef > 0 else None
-    features = None
-    if run.critic is not None:
-        size = (batch.size, batch.turn_mask.shape[1], run.model.config.hidden_size)
-        features = (torch.zeros(size), torch.zeros(size))
-    for rows in micro_batches(torch.arange(batch.size), run.config.trainer.micro_batch_size):
-        sub = batch.select(rows)
-        width = sub.response_ids.shape[1]
-        with autocast(run):
-            out = forward_response(run.model, sub, run.value_head, with_hidden=features is not None, **sampling)
-            old[rows, :width] = out.logprobs
-            if values is not None:
-                values[rows, :width] = out.values
-            if features is not None:
-                state, action = critic_lib.turn_features(out.hidden, sub.token_turns, sub.turn_mask)
-                features[0][rows], features[1][rows] = state, action
-            if reference is not None:
-                if run.reference is not None:
-                    reference[rows, :width] = forward_response(run.reference, sub, **sampling).logprobs
-                else:  # LoRA: the reference is the base model, the adapters switched off
-                    with run.model.disable_adapter():
-                        reference[rows, :width] = forward_response(run.model, sub, **sampling).logprobs
-    return old, reference, values, features
-
-
-def single_update(config: RunConfig, batch_size: int) -> bool:
-    """Whether the update is one optimizer step on the whole batch with nothing else needing the
-    pre-update policy's outputs up front (a reference model's logprobs, GAE's values)."""
-    return (config.trainer.epochs == 1 and config.trainer.minibatch_size >= batch_size
-            and config.algo.kl_coef == 0 and config.algo.advantage not in ("gae", "archer"))
-
-
-def update_policy(run: Run, batch: TrainBatch, step: int) -> dict[str, float]:
-    """PPO epochs over shuffled minibatches, gradients accumulated over micro-batches."""
-    config, algo = run.config, run.config.algo
-    loss_mask = batch.loss_mask
-    kl_in_reward = kl_goes_in_reward(algo)
-    if single_update(config, batch.size):
-        # One optimizer step: the policy before the update is the one the training forward pass
-        # runs, so its detached logprobs are pi_old exactly and a separate scoring pass is saved.
-        old = reference = old_values = features = None
-    else:
-        old, reference, old_values, features = score_batch(run, batch)
-    critic_metrics, turn_advantages = {}, None
-    if run.critic is not None:
-        critic_metrics, turn_advantages = train_critic(run, batch, features, step)
-    advantages, returns = compute_advantages(batch, loss_mask, algo, old_values, reward_kl(old, reference, loss_mask, algo),
-                                             turn_advantages)
-    if run.critic is not None and run.critic.collections <= algo.archer.warmup_steps:
-        # the actor waits for a trained critic; the policy is unchanged, so nothing it sampled turns stale
-        return {**critic_metrics, "update/critic_warmup": 1.0, "update/skipped": 1.0}
-    metrics = {**critic_metrics,
-        "rollout/stale_fraction": float((batch.stale * loss_mask).sum() / loss_mask.sum()),
-        "advantage/mean": float(adv.masked_mean(advantages, loss_mask)),
-        "advantage/abs_mean": float(adv.masked_mean(advantages.abs(), loss_mask)),
-    }
-    mismatch = [0.0, 0.0]  # |pi_old - mu| over the fresh model tokens (first epoch), and their count
-    stale_weights = [0.0, 0.0]  # the loss's importance weights summed over stale tokens (first epoch), their count
-    sums: dict[str, float] = {}
-    generator = torch.Generator().manual_seed(config.trainer.seed * 100_003 + step)
-    run.model.train()
-    # the value head (GAE) is clipped on its own budget: the policy's and the critic's gradients differ in scale
-    value_parameters = list(run.value_head.parameters()) if run.value_head is not None else []
-    value_ids = {id(p) for p in value_parameters}
-    parameters = [p for group in run.optimizer.param_groups for p in group["params"] if id(p) not in value_ids]
-    updates = minibatches = skipped = 0
-    for epoch in range(config.trainer.epochs):
-        order = torch.randperm(batch.size, generator=generator)
-        for minibatch in even_minibatches(order, config.trainer.minibatch_size):
-            totals = {"batch_tokens": float(loss_mask[minibatch].sum()),
-                      "batch_sequences": losses.sequence_count(loss_mask[minibatch]),
-                      "max_response_tokens": config.rollout.max_response_tokens}
-            run.optimizer.zero_grad(set_to_none=True)
-            selected = minibatch_covariance_selection(run, batch, minibatch, old, advantages, generator) \
-                if uses_covariance_selection(algo) else None
-            for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
-                sub = batch.select(rows)
-                width = sub.response_ids.shape[1]
-                mask = loss_mask[rows, :width]
-
-                def cut(tensor, rows=rows, width=width):
-                    return tensor[rows, :width]
-
-                with autocast(run):
-                    out = forward_response(run.model, sub, run.value_head, with_entropy=algo.entropy_coef > 0,
-                                           value_trunk_grad=algo.value_trunk_grad, **sampling_options(config))
-                old_sub = out.logprobs.detach() if old is None else cut(old)
-                sampling, stale = cut(batch.sampling_logprobs), cut(batch.stale)
-                if epoch == 0:
-                    fresh = mask * (1 - stale)
-                    mismatch[0] += float(((old_sub - sampling).abs() * fresh).sum())
-                    mismatch[1] += float(fresh.sum())
-                # truncated IS on the stale tokens, or (is_all_tokens) also on fresh ones whose mu differs
-                # from pi_old by numerics (bf16, KV cache): rollout/logprob_mismatch measures the need
-                weighted = mask if algo.is_all_tokens else stale
-                is_weights = losses.stale_importance_weights(old_sub, sampling, weighted, algo.stale_is_cap)
-                if epoch == 0:
-                    stale_weights[0] += float((is_weights * stale * mask).sum())
-                    stale_weights[1] += float((stale * mask).sum())
-                token_loss, clipped = policy_token_loss(out.logprobs, old_sub, cut(advantages), mask, algo, generator,
-                                                        None if selected is None else cut(selected))
-                policy_loss = losses.aggregate_loss(token_loss * is_weights, mask, algo.loss_agg, **totals)
-                loss = policy_loss
-                # metrics are token means whatever the loss aggregation, so they stay fractions and means
-                token_mean = {"batch_tokens": totals["batch_tokens"]}
-                parts = {"loss/policy": policy_loss, "clip_fraction": losses.aggregate_loss(clipped, mask, **token_mean)}
-                if reference is not None and not kl_in_reward:
-                    kl_tokens = losses.kl_penalty(out.logprobs, cut(reference), algo.kl_loss_type, loss_mask=mask)
-                    kl = losses.aggregate_loss(kl_tokens, mask, algo.loss_agg, **totals)
-                    loss, parts["loss/kl"] = loss + algo.kl_coef * kl, kl
-                if out.entropy is not None:
-                    entropy = losses.aggregate_loss(out.entropy, mask, algo.loss_agg, **totals)
-                    loss, parts["entropy"] = loss - algo.entropy_coef * entropy, losses.aggregate_loss(out.entropy.detach(), mask, **token_mean)
-                if out.values is not None:
-                    value = losses.aggregate_loss(losses.value_loss(out.values, cut(old_values), cut(returns), algo.value_clip),
-                                                  mask, algo.loss_agg, **totals)
-                    loss, parts["loss/value"] = loss + algo.value_coef * value, value
-                loss.backward()
-                for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-            grad_norm, stepped = clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm,
-                                               *([value_parameters] if value_parameters else []))
-            minibatches += 1
-            if stepped:
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-                updates += 1
-            else:
-                skipped += 1
-    run.optimizer.zero_grad(set_to_none=True)
-    run.model.eval()
-    metrics.update({key: value / (updates if key == "grad_norm" else minibatches) for key, value in sums.items()})
-    metrics["update/nonfinite_skipped"] = float(skipped)
-    metrics["rollout/logprob_mismatch"] = mismatch[0] / max(mismatch[1], 1.0)
-    if stale_weights[1]:
-        metrics["rollout/stale_is_weight_mean"] = stale_weights[0] / stale_weights[1]
-    metrics["lr"] = run.optimizer.param_groups[0]["lr"]
-    metrics["update/trajectories"] = float(batch.size)
-    return metrics
-
-
-@torch.no_grad()
-def minibatch_covariance_selection(run: Run, batch: TrainBatch, minibatch: torch.Tensor, old: torch.Tensor | None,
-                                   advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``(B, T)``: the Clip-Cov/KL-Cov tokens of ``minibatch``, chosen from a no-grad pass of the
-    current policy over the whole minibatch (so ``micro_batch_size`` stays a memory knob only)."""
-    config = run.config
-    current = torch.zeros(batch.response_ids.shape)
-    for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
-        sub = batch.select(rows)
-        with autocast(run):
-            current[rows, : sub.response_ids.shape[1]] = forward_response(run.model, sub, **sampling_options(config)).logprobs
-    anchor = current[minibatch] if old is None else old[minibatch]
-    selected = torch.zeros(batch.response_ids.shape)
-    selected[minibatch] = covariance_selected(current[minibatch], anchor, advantages[minibatch],
-                                              batch.loss_mask[minibatch], config.algo, generator)
-    return selected
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -512,6 +253,8 @@ def train(config: RunConfig, model=None, tokenizer=None, console=None) -> Traine
         run.engine.policy_version = run.state.policy_version
         if run.critic is not None and extra.get("critic") is not None:
             run.critic.load_state_dict(extra["critic"])
+        if extra.get("recipe"):
+            run.recipe.load_state_dict(extra["recipe"])
         if needs_post_sft_reference(config):
             run.reference = load_reference(run)
         if partial_state is not None and hasattr(run.worker, "load_state_dict"):
@@ -606,6 +349,8 @@ def save(run: Run, tracker) -> None:
     run.state.metrics = list(tracker.history)
     run.state.policy_version = run.engine.policy_version
     partial = run.worker.state_dict() if hasattr(run.worker, "state_dict") else None
-    extra = {"critic": run.critic.state_dict()} if run.critic is not None else None
+    extra = {"recipe": run.recipe.state_dict()}
+    if run.critic is not None:
+        extra["critic"] = run.critic.state_dict()
     save_checkpoint(run.config.output_dir, run.state, run.model, run.optimizer, run.scheduler, run.value_head,
                     partial, keep=run.config.trainer.keep_checkpoints, extra=extra)
