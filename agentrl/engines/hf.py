@@ -12,6 +12,11 @@ long gone. The event loop stays free for tool calls while the batch decodes. Req
 while a batch decodes join it at the next step (continuous batching): they are prefilled on their
 own and their KV cache is stacked onto the running one.
 
+A vision-language model's request carries its images (:class:`agentrl.multimodal.ImageInputs`:
+each image's processed tensors, in the order of their blocks of image tokens in the prompt ids).
+They enter the prefill only: the rows' tensors are stacked in row order, the order the model fills
+image tokens in across a batch, and afterwards the KV cache holds what the model saw.
+
 Logprobs are those of the distribution each token was drawn from (the request's temperature and
 top-p, :func:`agentrl.algos.sampling.sampling_logprobs`; greedy requests score at temperature 1): the
 same quantity the trainer's forward pass computes, so importance ratios start at 1.
@@ -31,6 +36,7 @@ import torch
 
 from agentrl.algos.sampling import sampling_logprobs
 from agentrl.engines.base import GenerationResult, SamplingParams
+from agentrl.multimodal import ImageInputs, model_inputs
 
 
 @dataclass
@@ -41,6 +47,7 @@ class _Request:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
+    images: ImageInputs | None = None
 
 
 class HFEngine:
@@ -53,7 +60,8 @@ class HFEngine:
         self.batch_wait_s = batch_wait_s
         self.policy_version = 0
         # prompt + response never exceed it (the rollout clamps every turn to what is left)
-        self.max_model_len: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.max_model_len: int | None = getattr(model.config, "max_position_embeddings", None) or getattr(
+            getattr(model.config, "text_config", None), "max_position_embeddings", None)  # vision-language models
         self.batch_sizes: Counter[int] = Counter()  # requests each batch started with
         self.forward_calls = 0
         self.joined = 0  # requests that joined a batch already decoding
@@ -79,14 +87,16 @@ class HFEngine:
 
     # -- public API ------------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       images: ImageInputs | None = None) -> GenerationResult:
+        """``images``: the pixel inputs of the image blocks in ``prompt_ids`` (vision-language models)."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: a request needs at least one token")
         if params.max_new_tokens <= 0:
             return GenerationResult([], [], "length", policy_version=self.policy_version)
         self._ensure_worker()
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(list(prompt_ids), params, future))
+        await self._queue.put(_Request(list(prompt_ids), params, future, images=images if images else None))
         return await future
 
     def update_weights(self, state_dict: dict | None = None) -> None:
@@ -290,6 +300,7 @@ class HFEngine:
             attention_mask[row, width - len(request.prompt_ids) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        images = model_inputs([t for r in requests if r.images is not None for t in r.images.tensors], device)
         output = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -297,6 +308,7 @@ class HFEngine:
             use_cache=True,
             logits_to_keep=1,
             **{self._cache_arg: None},
+            **images,
         )
         self.forward_calls += 1
         return getattr(output, self._cache_arg), attention_mask, output.logits[:, -1, :]

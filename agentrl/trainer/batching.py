@@ -5,6 +5,10 @@ width ``P`` and responses right-padded to ``T``. Response token ``t`` of every r
 column ``P + t`` and is predicted by the logits at ``P + t - 1``, so the model computes logits for
 the response columns only (``logits_to_keep``) and never for the prompt: with a 49k vocabulary the
 logits, not the weights, dominate memory.
+
+A vision-language model's rows carry their images' processed tensors (``image_inputs``, one
+:class:`agentrl.multimodal.ImageInputs` per row, the very tensors the engine was given), and the
+forward pass gets them as the model's image arguments, so it sees exactly what the engine saw.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from agentrl.multimodal import ImageInputs, model_inputs, trajectory_image_inputs
 from agentrl.trajectory import Trajectory
 
 Tensor = torch.Tensor
@@ -70,6 +75,7 @@ class TrainBatch:
     anchor_keys: Tensor  # (B, K) int64 hash of the tokens each turn answers (GiGPO's anchor state)
     prompt_lengths: Tensor  # (B,)
     response_lengths: Tensor  # (B,)
+    image_inputs: list[ImageInputs] | None = None  # per row: the images of a vision-language model
 
     @property
     def size(self) -> int:
@@ -90,6 +96,8 @@ class TrainBatch:
             value = getattr(self, item.name)
             if item.name == "prompt_width":
                 values[item.name] = prompt_width
+            elif item.name == "image_inputs":
+                values[item.name] = None if value is None else [value[int(row)] for row in rows]
             elif item.name in ("input_ids", "attention_mask"):
                 values[item.name] = value[rows][:, drop : drop + prompt_width + response_width]
             elif isinstance(value, Tensor) and value.dim() == 2 and item.name not in PER_TURN_FIELDS:
@@ -162,6 +170,7 @@ def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: i
         anchor_keys=anchor_keys,
         prompt_lengths=torch.tensor([len(t.prompt_ids) for t in trajectories]),
         response_lengths=torch.tensor([max(1, len(t.response_ids)) for t in trajectories]),
+        image_inputs=[trajectory_image_inputs(t) for t in trajectories] if any(t.images for t in trajectories) else None,
     )
 
 
@@ -191,6 +200,7 @@ def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | Non
     from agentrl.algos.sampling import sampling_logprobs, tempered_logits
 
     response_width = batch.response_ids.shape[1]
+    images = model_inputs([t for row in batch.image_inputs or [] for t in row.tensors], batch.input_ids.device)
     output = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -198,6 +208,7 @@ def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | Non
         use_cache=False,
         logits_to_keep=response_width + 1,
         output_hidden_states=value_head is not None or with_hidden,
+        **images,
     )
     logits = output.logits[:, :-1, :]
     logprobs = sampling_logprobs(logits, batch.response_ids, temperature, top_p)
