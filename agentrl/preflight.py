@@ -19,6 +19,7 @@ PROBE_TIMEOUT_S = 5.0
 def check_run(config: RunConfig, probe_urls: bool = True) -> None:
     """Raise ConfigError for the first problem found; return None when the run can start."""
     env_cls = check_env(config)
+    check_recipe(config)
     tool_classes = check_tools(config, env_cls.tools)
     check_model(config.model.name)
     if probe_urls:
@@ -47,6 +48,15 @@ def check_env(config: RunConfig):
                 raise ConfigError(_unknown(f"env.options.{option}", f"env '{env_cls.name}' has no option '{option}'",
                                            option, allowed, "its options"))
     return env_cls
+
+
+def check_recipe(config: RunConfig) -> type:
+    from agentrl.recipes import get_recipe_class
+
+    try:
+        return get_recipe_class(config.recipe)
+    except (LookupError, ImportError) as error:
+        raise ConfigError(f"recipe: {error}") from None
 
 
 def check_tools(config: RunConfig, env_tools: Iterable[str]) -> dict[str, type]:

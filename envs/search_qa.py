@@ -85,7 +85,8 @@ def golden_answers(row: dict[str, Any]) -> list[str]:
 
 class SearchQAEnv(Env):
     """Options: ``dataset`` (a FlashRAG name, with the path as its root directory), ``prompt``
-    (``search_r1`` or ``short``), ``hops`` (keep only questions with this many hops, demo data)."""
+    (``search_r1`` or ``short``), ``hops`` (keep only questions with this many hops, or any of a
+    list of counts, demo data)."""
 
     name = "search_qa"
     option_names = ("dataset", "hops", "prompt")
@@ -113,7 +114,9 @@ class SearchQAEnv(Env):
                 source = found[0]
             rows = load_rows(source)
         if "hops" in self.options:
-            rows = [r for r in rows if r.get("hops") == self.options["hops"]]
+            hops = self.options["hops"]
+            allowed = set(hops) if isinstance(hops, (list, tuple)) else {hops}
+            rows = [r for r in rows if r.get("hops") in allowed]
         return rows
 
     def make_task(self, row: dict[str, Any], index: int) -> Task:

@@ -30,6 +30,8 @@ def quickstart(*overrides: str):
         ("tools.options.serach.topk=3", "tools.options.serach", "'search'"),
         ("env.name=serach_qa", "env.name", "'search_qa'"),
         ("env.options.hopz=2", "env.options.hopz", "'hops'"),
+        ("recipe=spaer", "recipe", "'spear'"),
+        ("recipe=my_pkg.recipes:Nope", "recipe", "my_pkg"),
         ("model.name=smollm2-135m", "model.name", "'smollm2-135m-instruct'"),
         ("model.name=my_pkg.models:Nope", "model.name", "embedded"),
     ],

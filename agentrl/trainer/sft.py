@@ -252,7 +252,9 @@ def demonstration_trajectories(run) -> list[Trajectory]:
     if config.sft.data:
         chats = load_demonstrations(config.sft.data)[: config.sft.num_demonstrations or None]
     else:
-        rows = run.train_rows[: config.sft.num_demonstrations]
+        # the scripted policy searches the row's entity; for a multi-hop question that is the bridge
+        # entity the question does not name, so only one-hop rows are demonstrated
+        rows = [row for row in run.train_rows if row.get("hops", 1) == 1][: config.sft.num_demonstrations]
         chats = generate_demonstrations(run.env, run.executor, run.tokenizer, rows, config.tools,
                                         Path(config.output_dir) / "demonstrations.jsonl", loop=run.loop)
     schemas = run.executor.schemas if run.env.action_format == "json" else None
