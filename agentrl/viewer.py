@@ -8,6 +8,10 @@ status and stop reason. Filters narrow the list by status, reward and text.
 Span texts come from, in order: the tokenizer, if one is given (each span decoded on its own); the
 ``segments`` a run's sample files carry; the ``span_text`` list the rollout stores in
 ``metadata``. Without any of them a span shows its token count.
+
+A vision-language trajectory's images (``images`` records) are shown inline: the prompt's above the
+token stream, each tool result's after the observation of its turn. Inline images are embedded as
+data URIs; images stored by reference are linked relative to their JSONL file.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def find_trajectory_files(run_dir: str | Path) -> list[Path]:
 
 
 def view_records(records: list[dict[str, Any]], tokenizer: Any = None, source: str = "") -> list[dict[str, Any]]:
-    """The page's data for trajectory records: spans with their text, tool calls, outcome."""
+    """The page's data for trajectory records: spans with their text, tool calls, outcome, images."""
+    base = Path(source).parent.as_posix() if source else ""
     views = []
     for record in records:
         spans = record.get("turns", [])
@@ -58,8 +63,18 @@ def view_records(records: list[dict[str, Any]], tokenizer: Any = None, source: s
                        "tokens": s["end"] - s["start"], "text": text} for s, text in zip(spans, texts)],
             "tools": record.get("tool_calls", []), "metrics": record.get("metrics", {}),
             "model_tokens": sum(record.get("loss_mask", [])), "tokens": len(record.get("response_ids", [])),
+            "images": [_image_view(image, base) for image in record.get("images", [])],
         })
     return views
+
+
+def _image_view(image: dict[str, Any], base: str) -> dict[str, Any]:
+    if image.get("data"):
+        src = "data:image/png;base64," + image["data"]
+    else:
+        path = image.get("path") or ""
+        src = path if Path(path).is_absolute() or base in ("", ".") else f"{base}/{path}"
+    return {"turn": image.get("turn", -1), "src": src, "width": image.get("width"), "height": image.get("height")}
 
 
 def _span_texts(record: dict[str, Any], tokenizer: Any) -> list[str]:
@@ -137,6 +152,9 @@ main { padding: 12px 16px; }
 table { border-collapse: collapse; margin-top: 6px; font-size: 12.5px; }
 td, th { border: 1px solid #e3e3e3; padding: 2px 6px; text-align: left; vertical-align: top; }
 details summary { cursor: pointer; color: #555; }
+figure.image { display: inline-block; margin: 4px 8px 4px 0; vertical-align: top; }
+figure.image img { max-width: 320px; max-height: 320px; border: 1px solid #ccc; image-rendering: pixelated; }
+figure.image figcaption { font-size: 11.5px; color: #555; }
 #errors { color: #b00; white-space: pre-wrap; }
 </style></head>
 <body>
@@ -189,12 +207,30 @@ window.onerror = function (message, source, line) {
     prompt.appendChild(el("summary", null, "prompt"));
     prompt.appendChild(el("div", "stream", t.prompt));
     box.appendChild(prompt);
+    var numbered = t.images.map(function (image, i) { image.index = i; return image; });
+    function images(parent, turn) {
+      numbered.filter(function (image) { return image.turn === turn && !image.shown; }).forEach(function (image) {
+        image.shown = true;
+        var figure = el("figure", "image");
+        var img = el("img");
+        img.onload = function () { img.setAttribute("data-loaded", String(img.naturalWidth)); };
+        img.src = image.src;
+        img.alt = "image " + image.index;
+        figure.appendChild(img);
+        figure.appendChild(el("figcaption", null, "image " + image.index + " \u00b7 " + image.width + "x" + image.height + " \u00b7 " + (turn < 0 ? "prompt" : "tool result, turn " + turn)));
+        parent.appendChild(figure);
+      });
+    }
+    images(box, -1);
     var stream = el("div", "stream");
-    t.spans.forEach(function (s) {
+    t.spans.forEach(function (s, i) {
       var span = el("span", s.role, s.text);
       span.title = s.role + ", turn " + s.turn + ", " + s.tokens + " tokens" + (s.version === null ? "" : ", policy v" + s.version);
       stream.appendChild(span);
+      var next = t.spans[i + 1];
+      if (s.role !== "assistant" && (!next || next.turn !== s.turn || next.role === "assistant")) images(stream, s.turn);
     });
+    numbered.forEach(function (image) { if (!image.shown) images(stream, image.turn); });
     box.appendChild(stream);
     if (t.tools.length) {
       var table = el("table");
