@@ -1,8 +1,10 @@
 """The local trainer: one process, the policy on the CPU (or one GPU), the HF engine sharing its module.
 
 ``train(config)`` reads top to bottom: build the run, resume or warm-start, evaluate, then repeat
-:func:`train_step` (rollout -> reward -> advantages -> PPO epochs -> new weights to the engine),
-logging and checkpointing after every step.
+:func:`train_step` (the recipe's parts: collect -> score -> select -> loss batches -> update ->
+after the update; then new weights to the engine), logging and checkpointing after every step. The
+parts are the recipe's (:mod:`agentrl.recipes`), the update of each loss batch is
+:mod:`agentrl.trainer.update`'s.
 """
 
 from __future__ import annotations
