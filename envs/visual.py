@@ -3,9 +3,9 @@ a small coloured shape) among faint clutter. At full size the detail is a handfu
 model finds it with the image tool (crop or zoom) and answers with what it read.
 
 The images go to the policy as ``Task.images`` and come back from every image-tool call as
-``Observation.images``; a vision-language policy needs an engine that feeds them to the model
-(the HF and OpenAI engines in this package are text-only, so with them the model works from the
-text of the observations).
+``Observation.images``. With a vision-language model (``configs/visual.yaml``, docs/vision.md) the
+HF engine feeds them to the model as pixels: the task's image in the prompt, each tool result in
+the observation that follows the call. A text-only model gets the tool's text label only.
 
 Data: local JSONL with ``image`` (a path), ``question`` and ``answer``; or, without a path, a
 deterministic generator: the rows hold only the drawing parameters and each image is drawn when

@@ -1,6 +1,13 @@
 """Image operations for vision-language agents: crop, zoom, rotate, flip, resize and contrast on the
 trajectory's images. Every result is appended to the trajectory's images, so a later call can work
-on it (``image_index=-1`` is the most recent)."""
+on it (``image_index=-1`` is the most recent).
+
+The result is an image for the model: the observation holds it in ``images``, and the rollout puts
+it before a vision-language model as pixels (a block of image tokens after the observation's
+text, see :mod:`agentrl.multimodal`). The observation's text is only a label (``image 3: zoom ->
+1024x1024``) naming the index a later call can use. How many images, and how many pixels, one
+trajectory may show the model is the rollout's budget (``rollout.max_images``,
+``rollout.max_image_pixels``); ``max_trajectory_pixels`` bounds what the tool keeps in memory."""
 
 from __future__ import annotations
 
