@@ -101,7 +101,17 @@ class TokenAssembler:
     def decode_spans(self, ids: list[int], spans: list[Any]) -> list[str]:
         return [self.tokenizer.decode(ids[s.start:s.end]) for s in spans]
 
+    def render(self, messages: list[dict[str, Any]], **options: Any) -> str:
+        """The chat template's text. A vision-language model's messages are rendered as content
+        lists (``[{"type": "text", "text": ...}, {"type": "image"}]``), the form its template reads."""
+        if self.processor is not None:
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
+                        else m for m in messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **options)
+
     def render_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        if self.processor is not None:
+            return self.encode(self.render(messages, tools=tools, add_generation_prompt=True))
         return list(self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
         ))
@@ -121,7 +131,7 @@ class TokenAssembler:
                 raise ValueError(f"the prompt holds {sum(_image_items(m) for m in messages)} image items for "
                                  f"{len(images)} images")
             user["content"] = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        rendered = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        rendered = self.render(messages, tools=tools, add_generation_prompt=True)
         queue = [as_rgb(i) for i in images]
         pieces = self._with_images(rendered, "observation", queue)
         if queue:
@@ -151,8 +161,8 @@ class TokenAssembler:
         """The template's text for ``messages`` plus the next assistant prompt, as it would follow
         an earlier conversation (rendered after a fixed system message, which is then cut off)."""
         base = [{"role": "system", "content": "x"}]
-        head = self.tokenizer.apply_chat_template(base, tokenize=False)
-        full = self.tokenizer.apply_chat_template(base + messages, tokenize=False, add_generation_prompt=True)
+        head = self.render(base)
+        full = self.render(base + messages, add_generation_prompt=True)
         if not full.startswith(head):
             raise ValueError("the chat template does not render conversations incrementally")
         return full[len(head):]
@@ -161,7 +171,7 @@ class TokenAssembler:
         """What the template writes after an assistant message's content (e.g. ``<|im_end|>\\n``)."""
         if self._assistant_end is None:
             base = [{"role": "system", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
-            rendered = self.tokenizer.apply_chat_template(base, tokenize=False)
+            rendered = self.render(base)
             self._assistant_end = rendered[rendered.rindex("MARKER") + len("MARKER"):]
         return self._assistant_end
 

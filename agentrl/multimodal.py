@@ -37,6 +37,9 @@ import torch
 from agentrl.trajectory import ImageRecord, Trajectory
 
 TINY_VISION_MODEL = "tiny-smolvlm"
+# Models whose forward takes pixel inputs beside ordinary 1-D positions, as the HF engine and the
+# trainer's forward pass give them (Qwen2-VL's M-RoPE positions would need computing per row).
+SUPPORTED_MODEL_TYPES = ("idefics3", "smolvlm")
 
 # ChatML (as SmolLM2 uses it) that also renders list content: {"type": "image"} items become the
 # processor's placeholder, {"type": "text"} items their text. String content renders as it is.
@@ -146,6 +149,11 @@ def load_vision_model(path: str | Path, dtype: torch.dtype = torch.float32, devi
     the tokenizer (:func:`processor_for`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    model_type = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{path}: a {model_type} vision-language model; the HF engine feeds images to "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} models (Qwen2-VL's 3-D rotary positions are not "
+                         "computed yet), see docs/vision.md")
     processor = AutoProcessor.from_pretrained(path)
     tokenizer = processor.tokenizer
     if not tokenizer.chat_template:

@@ -246,3 +246,28 @@ def test_a_trajectory_over_its_image_budget_is_truncated_with_a_stop_reason(visi
     assert (pixels.stop_reason, len(pixels.images)) == ("max_images", 1)
     prompt = run_one(ScriptThenModel(HFEngine(model, tokenizer), tokenizer, []), tokenizer, max_images=0)
     assert (prompt.stop_reason, prompt.response_ids) == ("max_images", [])
+
+
+# The form of SmolVLM's own template: every message's content is a list of items (string content
+# would render as nothing), roles capitalised, no system prompt of its own.
+CONTENT_LIST_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def test_a_template_that_reads_only_content_lists_gets_every_message_as_one():
+    model, tokenizer = load_model("tiny-smolvlm")  # a tokenizer of its own: its template is changed here
+    tokenizer.chat_template = CONTENT_LIST_TEMPLATE
+    processor = processor_for(tokenizer)
+    trajectory = run_one(ScriptThenModel(HFEngine(model.eval(), tokenizer), tokenizer, [ZOOM]), tokenizer, max_turns=2)
+    assert trajectory.num_turns == 2, trajectory.metadata.get("error")
+    prompt = tokenizer.decode(trajectory.prompt_ids)
+    assert prompt.startswith("<|im_start|>User: <fake_token_around_image>") and "What colour is the square?" in prompt
+    observation = tokenizer.decode(trajectory.response_ids)
+    assert "<end_of_utterance>\nTool: image 1: zoom -> 96x64<fake_token_around_image>" in observation
+    assert observation.count("<global-img>") == 1 and "Assistant:" in observation
+    zoomed = picture().crop((0, 0, 48, 32)).resize((96, 64), Image.Resampling.LANCZOS)
+    assert find(trajectory.response_ids, process_image(processor, zoomed)[0]) > 0
