@@ -271,3 +271,21 @@ def test_a_template_that_reads_only_content_lists_gets_every_message_as_one():
     assert observation.count("<global-img>") == 1 and "Assistant:" in observation
     zoomed = picture().crop((0, 0, 48, 32)).resize((96, 64), Image.Resampling.LANCZOS)
     assert find(trajectory.response_ids, process_image(processor, zoomed)[0]) > 0
+
+
+def test_gigpo_anchor_states_tell_apart_observations_that_differ_only_in_pixels():
+    from agentrl.trainer.batching import turn_anchor_keys
+    from agentrl.trajectory import ImageRecord
+
+    def trajectory(prompt_digest, tool_digest):
+        t = Trajectory(id="t", group_id="g", prompt_ids=[1, 2, 3])
+        t.append_model_tokens([4, 5], [-1.0, -1.0], 0, 0)
+        t.append_observation_tokens([6, 7], 0)
+        t.append_model_tokens([8], [-1.0], 1, 0)
+        t.images = [ImageRecord(-1, 8, 8, inputs_sha256=prompt_digest), ImageRecord(0, 8, 8, inputs_sha256=tool_digest)]
+        return turn_anchor_keys(t)
+
+    same, other_prompt, other_tool = trajectory("a", "b"), trajectory("c", "b"), trajectory("a", "d")
+    assert same == trajectory("a", "b")
+    assert other_prompt[0] != same[0] and other_prompt[1] == same[1]  # the first turn answers the prompt's image
+    assert other_tool[0] == same[0] and other_tool[1] != same[1]  # the second answers the tool's image

@@ -28,30 +28,32 @@ Tensor = torch.Tensor
 PER_TURN_FIELDS = ("turn_rewards", "turn_mask", "anchor_keys")
 
 
-def anchor_key(token_ids: list[int]) -> int:
-    """A stable 64-bit hash of a token sequence (the same ids give the same key in every process)."""
-    digest = hashlib.blake2b(torch.tensor(token_ids, dtype=torch.int64).numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+def anchor_key(token_ids: list[int], image_digests: list[str] | tuple[str, ...] = ()) -> int:
+    """A stable 64-bit hash of a token sequence (the same ids give the same key in every process)
+    and of the images shown with it (their blocks of image tokens are the same for any pixels)."""
+    data = torch.tensor(token_ids, dtype=torch.int64).numpy().tobytes() + "".join(image_digests).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def turn_anchor_keys(trajectory: Trajectory) -> list[int]:
     """One key per assistant turn: the hash of the observation the turn answers, i.e. the tokens
     between the previous assistant turn and this one (the prompt for the first turn). Turns of
-    different trajectories that answer identical observations share a key."""
+    different trajectories that answer identical observations (and images) share a key."""
     starts: dict[int, int] = {}
     ends: dict[int, int] = {}
     for span in trajectory.turns:
         if span.role == "assistant":
             starts.setdefault(span.turn, span.start)
             ends[span.turn] = span.end
-    keys, previous_end = [], None
+    keys, previous_end, previous_turn = [], None, -1
     for turn in sorted(starts):
         if previous_end is None:
             observed = list(trajectory.prompt_ids) + list(trajectory.response_ids[: starts[turn]])
         else:
             observed = list(trajectory.response_ids[previous_end : starts[turn]])
-        keys.append(anchor_key(observed))
-        previous_end = ends[turn]
+        images = [r.inputs_sha256 or "" for r in trajectory.images if previous_turn <= r.turn < turn]
+        keys.append(anchor_key(observed, images))
+        previous_end, previous_turn = ends[turn], turn
     return keys
 
 
