@@ -289,3 +289,18 @@ def test_gigpo_anchor_states_tell_apart_observations_that_differ_only_in_pixels(
     assert same == trajectory("a", "b")
     assert other_prompt[0] != same[0] and other_prompt[1] == same[1]  # the first turn answers the prompt's image
     assert other_tool[0] == same[0] and other_tool[1] != same[1]  # the second answers the tool's image
+
+
+def test_the_policy_loss_reaches_the_vision_tower_through_the_tool_images(vision):
+    model, tokenizer, _ = vision
+    trajectory = run_one(ScriptThenModel(HFEngine(model, tokenizer), tokenizer, [ZOOM, CROP]), tokenizer)
+    batch = collate([trajectory], tokenizer.pad_token_id)
+    turn3 = torch.zeros_like(batch.loss_mask)  # only the tokens the model sampled after seeing the crop
+    span = next(s for s in trajectory.turns if s.role == "assistant" and s.turn == 2)
+    turn3[0, span.start:span.end] = 1.0
+    model.zero_grad(set_to_none=True)
+    loss = -(forward_response(model, batch).logprobs * turn3).sum()
+    loss.backward()
+    vision_grads = [p.grad for p in model.model.vision_model.parameters()]
+    assert all(g is not None for g in vision_grads) and sum(float(g.abs().sum()) for g in vision_grads) > 0
+    model.zero_grad(set_to_none=True)
