@@ -1,12 +1,17 @@
 """Client of the tool server: pooled async HTTP with retries, so a restarting server loses no call.
 
 Transient failures (connection refused or reset, 5xx, 429) are retried with jittered exponential
-backoff; when the retries run out the call raises :class:`~agentrl.tool.InfraError` and the
+backoff, never sooner than a ``Retry-After`` the server sent (a busy server's call queue is full);
+when the retries run out the call raises :class:`~agentrl.tool.InfraError` and the
 trajectory is marked ``infra_error`` instead of being scored as a model failure. Every attempt of
 one call carries the same ``Idempotency-Key``, and the server answers a repeated key with the first
 attempt's result, so a call whose answer was lost (a read timeout) never runs twice. A trajectory
 whose sticky session the server no longer has (it restarted, or evicted it) is an infrastructure
 failure too: its tool state is gone, and the model must not be blamed for what follows.
+
+Sessions are named by ``(namespace, trajectory_id)``; each client draws a random secret namespace,
+so clients of two runs sharing a server never address each other's sessions, even when their
+trajectory ids are the same.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import secrets
 import uuid
 from typing import Any
 
 import httpx
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     RetryError,
     retry_if_exception,
     stop_after_attempt,
@@ -31,7 +38,19 @@ from agentrl.tool import InfraError, Observation, ToolError
 
 
 class _Transient(Exception):
-    """An HTTP answer worth retrying (5xx, 429)."""
+    """An HTTP answer worth retrying (5xx, 429), with the server's ``Retry-After`` in seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after_s(value: str | None, cap_s: float = 10.0) -> float:
+    """A ``Retry-After`` given in seconds, capped; an HTTP date or garbage counts as none."""
+    try:
+        return min(max(float(value), 0.0), cap_s) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -72,11 +91,14 @@ def decode_images(encoded: list[str], max_pixels: int = 16_000_000) -> list[Any]
 
 class ToolServerClient:
     """``read_timeout_s``: how long one attempt waits for an answer (default: the tool's timeout
-    plus 10 s)."""
+    plus 10 s). ``namespace``: the secret that names this client's sessions on the server (default:
+    128 random bits; clients that must share sessions pass the same one)."""
 
     def __init__(self, url: str, token: str | None = None, attempts: int | None = None, max_wait_s: float = 30.0,
-                 max_connections: int = 256, read_timeout_s: float | None = None) -> None:
+                 max_connections: int = 256, read_timeout_s: float | None = None,
+                 namespace: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.namespace = namespace or secrets.token_hex(16)
         self.token = token
         self.attempts = attempts
         self.max_wait_s = max_wait_s
@@ -100,15 +122,22 @@ class ToolServerClient:
         async def once() -> dict[str, Any]:
             response = await self._client().post(path, json=payload, timeout=timeout, headers=headers)
             if response.status_code >= 500 or response.status_code == 429:
-                raise _Transient(f"{response.status_code} from {self.url}{path}")
+                raise _Transient(f"{response.status_code} from {self.url}{path}",
+                                 _retry_after_s(response.headers.get("Retry-After")))
             if response.status_code >= 400:
                 raise InfraError(f"tool server refused the request ({response.status_code}): {response.text[:300]}")
             return response.json()
 
+        backoff = wait_random_exponential(multiplier=0.1, max=2.0)
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome is not None else None
+            return max(backoff(state), getattr(error, "retry_after_s", 0.0))
+
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_transient),
-                wait=wait_random_exponential(multiplier=0.1, max=2.0),
+                wait=wait,
                 # A restarting server is waited for up to max_wait_s, however many attempts that takes.
                 stop=stop_after_delay(self.max_wait_s) | stop_after_attempt(self.attempts or 10**9),
                 reraise=False,
@@ -124,8 +153,8 @@ class ToolServerClient:
                    metadata: dict[str, Any] | None = None, images: list[str] | None = None) -> Observation:
         """One call. ``metadata`` (JSON-safe) and ``images`` (base64 PNG) travel with every call, so
         a server that evicted the trajectory or restarted rebuilds the same tool context."""
-        request = {"trajectory_id": trajectory_id, "tool": tool, "arguments": arguments,
-                   "resume": trajectory_id in self._started}
+        request = {"trajectory_id": trajectory_id, "namespace": self.namespace, "tool": tool,
+                   "arguments": arguments, "resume": trajectory_id in self._started}
         if metadata:
             request["metadata"] = metadata
         if images:
@@ -148,7 +177,7 @@ class ToolServerClient:
 
     async def release(self, trajectory_id: str) -> None:
         self._started.discard(trajectory_id)
-        await self._post("/release", {"trajectory_id": trajectory_id}, 10.0)
+        await self._post("/release", {"trajectory_id": trajectory_id, "namespace": self.namespace}, 10.0)
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}

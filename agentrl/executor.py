@@ -73,6 +73,9 @@ class ToolExecutor:
     server_url: str | None = None
     token: str | None = None
     sync_workers: int = 16  # threads for synchronous tools, shared by all trajectories
+    # names this executor's sessions on a tool server (default: a random secret per executor, so two
+    # runs sharing a server never reach each other's sessions, whatever their trajectory ids)
+    session_namespace: str | None = None
 
     def __post_init__(self) -> None:
         self.tool_classes: dict[str, type[Tool]] = {}
@@ -85,7 +88,7 @@ class ToolExecutor:
         if self.server_url:
             from agentrl.client import ToolServerClient
 
-            self._client = ToolServerClient(self.server_url, token=self.token)
+            self._client = ToolServerClient(self.server_url, token=self.token, namespace=self.session_namespace)
 
     @property
     def schemas(self) -> list[dict[str, Any]]:

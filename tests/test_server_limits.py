@@ -1,6 +1,7 @@
 """The servers' edges against hostile or broken clients, all on 127.0.0.1: no non-loopback bind
 without a token, auth before the body, 413 for any oversized body, 401 for any malformed header,
-bounded sessions, batches, images and retriever queues, idempotent retries and lost sessions."""
+bounded sessions, batches, images, calls executing at once and retriever queues, idempotent retries
+and lost sessions."""
 
 import asyncio
 import base64
@@ -39,6 +40,26 @@ class SlowCounter(Tool):
         with SlowCounter.lock:
             SlowCounter.calls += 1
             return str(SlowCounter.calls)
+
+
+class Held(Tool):
+    """Hold each call, recording how many are held at once across the server and how many ran."""
+
+    timeout = 30.0
+    running = most = total = 0
+    lock = threading.Lock()
+
+    def call(self, seconds: float = 0.5) -> str:
+        with Held.lock:
+            Held.running += 1
+            Held.total += 1
+            Held.most = max(Held.most, Held.running)
+        try:
+            time.sleep(seconds)
+        finally:
+            with Held.lock:
+                Held.running -= 1
+        return "held"
 
 
 def png(width: int, height: int, format: str = "PNG") -> str:
@@ -207,6 +228,70 @@ def test_a_call_whose_answer_timed_out_is_retried_but_runs_once(tool_server):
     assert asyncio.run(main()) == "1"
     time.sleep(0.5)
     assert SlowCounter.calls == 1
+
+
+# -- the global bound on calls executing at once -----------------------------------------------------
+
+@pytest.fixture()
+def busy_server():
+    """At most 3 calls execute at once and 2 more may wait."""
+    Held.running = Held.most = Held.total = 0
+    SlowCounter.calls = 0
+    app = create_tool_server(["tests.test_server_limits:Held", "tests.test_server_limits:SlowCounter"],
+                             max_concurrent_calls=3, max_queued_calls=2)
+    with serve_app(app) as url:
+        yield url
+
+
+def test_calls_beyond_the_concurrency_limit_queue_and_the_overflow_gets_429_at_once(busy_server):
+    async def burst():
+        async with httpx.AsyncClient(base_url=busy_server, timeout=30) as client:
+            async def one(i):
+                started = time.monotonic()
+                response = await client.post("/call", json=one_call(f"h{i}", tool="held", arguments={"seconds": 2.0}))
+                return response, time.monotonic() - started
+
+            held = asyncio.gather(*(one(i) for i in range(10)))
+            await asyncio.sleep(0.5)  # the queue is full now: a batch that does not fit is refused whole
+            batch = {"requests": [{"trajectory_id": f"c{i}", "tool": "slow_counter"} for i in range(2)]}
+            refused = await client.post("/call", json=batch)
+            metrics = (await client.get("/metrics")).text
+            return await held, refused, metrics
+
+    answers, refused, metrics = asyncio.run(burst())
+    codes = [response.status_code for response, _ in answers]
+    assert sorted(codes) == [200] * 5 + [429] * 5, codes  # 3 running + 2 waiting; the rest refused
+    assert Held.most == 3 and Held.total == 5  # never more than the limit at once, and no refused call ran
+    for response, elapsed in answers:
+        if response.status_code == 429:
+            assert response.headers["Retry-After"] and elapsed < 1.5, elapsed  # long before a slot frees
+        else:
+            assert response.json()["results"][0]["text"] == "held"
+    assert refused.status_code == 429 and SlowCounter.calls == 0
+    assert "agentrl_tool_calls_running 3.0" in metrics and "agentrl_tool_calls_waiting 2.0" in metrics
+    assert "agentrl_tool_busy_rejections_total 6.0" in metrics
+    assert httpx.get(busy_server + "/metrics").text.count("agentrl_tool_calls_running 0.0") == 1
+
+
+def test_a_batch_larger_than_the_call_queue_is_refused(busy_server):
+    batch = {"requests": [{"trajectory_id": f"b{i}", "tool": "slow_counter"} for i in range(6)]}
+    response = httpx.post(busy_server + "/call", json=batch)
+    assert response.status_code == 422 and "at most 5 calls" in response.text
+    assert SlowCounter.calls == 0
+
+
+def test_the_client_retries_a_busy_server_and_every_call_runs_once(busy_server):
+    async def main():
+        client = ToolServerClient(busy_server, max_wait_s=30)
+        try:
+            return await asyncio.gather(*(client.call(f"r{i}", "held", {"seconds": 0.4}, timeout=30.0)
+                                          for i in range(12)))
+        finally:
+            await client.close()
+
+    observations = asyncio.run(main())
+    assert [o.text for o in observations] == ["held"] * 12
+    assert Held.most == 3 and Held.total == 12
 
 
 def test_an_unknown_sticky_session_is_session_restarted(tool_server):

@@ -1,5 +1,6 @@
-"""The tool server over 127.0.0.1: batch calls, sticky sessions, auth, limits, and a client that
-survives a killed and restarted server (a trajectory whose session died with it is an infra error)."""
+"""The tool server over 127.0.0.1: batch calls, sticky sessions (one namespace per run), auth,
+limits, and a client that survives a killed and restarted server (a trajectory whose session died
+with it is an infra error)."""
 
 import asyncio
 import signal
@@ -93,6 +94,41 @@ def test_task_metadata_and_images_reach_the_served_tools(server, tmp_path):
     bad["requests"][0]["images"] = [encode_image(bomb)]
     response = httpx.post(f"{url}/call", json=bad, headers={"Authorization": "Bearer s3cret"})
     assert response.status_code == 422 and "pixel limit" in response.text
+
+
+def test_two_runs_sharing_a_server_never_reach_each_others_sessions(server):
+    url, _ = server
+    headers = {"Authorization": "Bearer s3cret"}
+
+    async def main():
+        first = ToolExecutor(TOOLS.split(","), server_url=url, token="s3cret")
+        second = ToolExecutor(TOOLS.split(","), server_url=url, token="s3cret")
+        mine, theirs = first.session("task-0/0"), second.session("task-0/0")  # the same trajectory id
+        texts = []
+        for session in (mine, mine, theirs, mine, theirs):
+            (result,) = await session.run([ToolCall("counter", {})])
+            texts.append(result.observation.text)
+        namespaces = (first._client.namespace, second._client.namespace)
+        # a client without the namespace (here: none at all) cannot continue or release either session
+        outsider = [httpx.post(f"{url}/call", headers=headers, json={"requests": [
+            {"trajectory_id": "task-0/0", "tool": "counter", "resume": True, "namespace": namespace}]}).json()
+            for namespace in ("", "0" * 32)]
+        released = httpx.post(f"{url}/release", json={"trajectory_id": "task-0/0"}, headers=headers).json()
+        public = httpx.get(f"{url}/health").text + httpx.get(f"{url}/metrics").text
+        await mine.close()  # one run ending its trajectory leaves the other's alone
+        (after,) = await theirs.run([ToolCall("counter", {})])
+        await theirs.close()
+        await first.close()
+        await second.close()
+        return texts, namespaces, outsider, released, public, after.observation.text
+
+    texts, namespaces, outsider, released, public, after = asyncio.run(main())
+    assert texts == ["task-0/0:1", "task-0/0:2", "task-0/0:1", "task-0/0:3", "task-0/0:2"]
+    assert namespaces[0] != namespaces[1] and len(namespaces[0]) == 32
+    assert [answer["results"][0]["status"] for answer in outsider] == ["session_restarted"] * 2
+    assert released == {"released": False}
+    assert not any(namespace in public for namespace in namespaces)
+    assert after == "task-0/0:3"
 
 
 def test_batch_endpoint_answers_in_order_and_exposes_metrics(server):
