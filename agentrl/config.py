@@ -245,6 +245,61 @@ class SpearConfig(Section):
     replay_clip_cov_upper: float = 60.0
 
 
+class SelfPlayConfig(Section):
+    """Search self-play (recipe ``self_play``; docs/self_play.md): the answers it reads (and nothing
+    else), the rule filters, the RAG check or judge, both roles' rewards, the problem pool, the
+    per-role sampling and how the two roles update."""
+
+    answers: str | None = None  # JSONL of {"answer", "hops"}; default: the fictional world's answers
+    hops: list[int] = []  # keep only answers with these hop counts (empty: all)
+    answers_per_step: int | None = Field(None, gt=0)  # proposer rollouts per step; default trainer.prompts_per_step
+    n_solve: int = Field(5, gt=0)  # solver attempts per question (the solver's GRPO group)
+    proposer_prompt: Literal["full", "short"] = "full"
+    proposer_max_turns: int | None = Field(None, gt=0)  # default rollout.max_turns
+    proposer_temperature: float | None = Field(None, ge=0.0)  # default rollout.temperature (reference 0.8)
+    solver_temperature: float | None = Field(None, ge=0.0)  # default rollout.temperature
+    distractors: int = Field(4, ge=0)  # k: blocks from other proposer trajectories in the RAG check
+    rag_max_new_tokens: int = Field(64, gt=0)
+    min_chars: int = Field(10, ge=0)
+    max_chars: int = Field(1000, gt=0)
+    min_words: int = Field(10, ge=0)
+    min_searches: int = Field(2, ge=0)
+    allow_repeated_searches: bool = False
+    forbid_answer_in_queries: bool = False
+    reward: Literal["1-acc", "intermediate_difficulty", "format_only"] = "1-acc"
+    invalid_penalty: float = 0.0  # the proposer's reward for an invalid question (reference script 0, yaml -1)
+    spam_limit: int = Field(10, gt=0)  # more <answer> or </answer> tags than this divide the solver reward by 4
+    proposer_advantage: Literal["reinforce_pp", "grpo_batch"] = "reinforce_pp"
+    combine_update: bool = False  # one loss batch of both roles instead of proposer, then solver
+    pool_clear_every: int = Field(10, gt=0)
+    pool_max_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # pool problems solved more often are not reused
+    judge_url: str | None = None  # an OpenAI-compatible endpoint (.../v1) for semantic answer matches
+    judge_model: str = "judge"
+    judge_timeout_s: float = Field(30.0, gt=0.0)  # per attempt
+    judge_attempts: int = Field(3, gt=0)
+    judge_failure: Literal["reject", "raise"] = "reject"  # after the retries: reject the question / stop the run
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> SelfPlayConfig:
+        if self.combine_update and self.proposer_advantage != "grpo_batch":
+            raise ValueError("self_play.combine_update trains both roles with the run's estimator: set "
+                             "self_play.proposer_advantage=grpo_batch (the step's proposals as one GRPO group)")
+        return self
+
+
+class VerlConfig(Section):
+    """``trainer.backend=verl`` (docs/scale-out.md): the cluster, verl's prompt budget and raw overrides."""
+
+    nnodes: int = Field(1, gt=0)
+    n_gpus_per_node: int = Field(1, gt=0)
+    rollout_name: Literal["vllm", "sglang"] = "vllm"
+    tensor_parallel_size: int = Field(1, gt=0)  # of each rollout server
+    max_prompt_length: int = Field(1024, gt=0)  # verl's data.max_prompt_length (rows with longer prompts are dropped)
+    data_dir: str | None = None  # where the parquet data goes; default output_dir/verl_data
+    python: str | None = None  # the interpreter that has verl; default this one
+    overrides: list[str] = []  # further hydra overrides for verl, key=value; a key agentrl sets is an error
+
+
 class SftConfig(Section):
     """Supervised warm start on demonstration trajectories before RL."""
 
@@ -281,6 +336,7 @@ class RunConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     drbot: DrBoTConfig = DrBoTConfig()
     spear: SpearConfig = SpearConfig()
+    self_play: SelfPlayConfig = SelfPlayConfig()
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ def view_records(records: list[dict[str, Any]], tokenizer: Any = None, source: s
             "spans": [{"role": s["role"], "turn": s["turn"], "version": s.get("policy_version"),
                        "tokens": s["end"] - s["start"], "text": text} for s, text in zip(spans, texts)],
             "tools": record.get("tool_calls", []), "metrics": record.get("metrics", {}),
+            "self_play": record.get("metadata", {}).get("self_play"),  # a search self-play role's record
             "model_tokens": sum(record.get("loss_mask", [])), "tokens": len(record.get("response_ids", [])),
             "images": [_image_view(image, base) for image in record.get("images", [])],
         })
@@ -187,6 +188,22 @@ window.onerror = function (message, source, line) {
     if (text !== undefined && text !== null) node.textContent = String(text);
     return node;
   }
+  function selfPlay(s) {
+    // search self-play: a proposal with its question, RAG check and the solver's attempts; or a solver's problem
+    var box = el("div", "self-play");
+    if (s.role !== "proposer") {
+      box.appendChild(el("div", null, "solver (" + s.source + " problem) \\u00b7 question: " + s.question + " \\u00b7 gold " + s.answer));
+      return box;
+    }
+    box.appendChild(el("div", null, "proposer \\u00b7 answer " + s.answer + " \\u00b7 hops " + s.hops));
+    box.appendChild(el("div", null, "question: " + (s.question === null ? "(none)" : s.question)));
+    var rag = s.rag_checked ? "RAG check answered " + (s.rag_answer === null ? "nothing" : s.rag_answer) : "no RAG check";
+    box.appendChild(el("div", null, (s.valid ? "valid" : "rejected: " + s.reason) + " \\u00b7 " + rag));
+    (s.solver_attempts || []).forEach(function (a, i) {
+      box.appendChild(el("div", null, "solver attempt " + (i + 1) + ": " + (a.answer === null ? "(no answer)" : a.answer) + " \\u00b7 reward " + a.reward));
+    });
+    return box;
+  }
   function card(t) {
     var box = el("div", "card");
     var title = el("h2", null, t.id);
@@ -245,6 +262,7 @@ window.onerror = function (message, source, line) {
       });
       box.appendChild(table);
     }
+    if (t.self_play) box.appendChild(selfPlay(t.self_play));
     var keys = Object.keys(t.metrics);
     if (keys.length) box.appendChild(el("div", null, keys.map(function (k) { return k + " " + t.metrics[k]; }).join(" \\u00b7 ")));
     return box;

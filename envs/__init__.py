@@ -9,6 +9,7 @@ BUILTIN_ENVS = {
     "math_code": "agentrl.envs.math_code:MathCodeEnv",
     "text2sql": "agentrl.envs.text2sql:Text2SQLEnv",
     "visual": "agentrl.envs.visual:VisualEnv",
+    "self_play_proposer": "agentrl.envs.self_play_data:SelfPlayProposerEnv",
 }
 
 

@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentrl.envs.base import load_rows
+from agentrl.envs.base import Env, Reward, Task, load_rows
+from agentrl.envs.search_qa import SearchQAEnv
 
 from agentrl.algos.self_play import proposer_messages, solver_messages
+from agentrl.trajectory import Trajectory
 
 DATA_DIR = Path(__file__).parent / "data" / "fictional"
 CORPUS_PATH = DATA_DIR / "corpus.jsonl"
@@ -123,6 +125,41 @@ def write_answers(rows: Sequence[dict[str, Any]], path: str | Path = ANSWERS_PAT
     with Path(path).open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# -- the proposer role as an env -------------------------------------------------------------------
+
+
+class SelfPlayProposerEnv(Env):
+    """The proposer's rollouts: an answer row becomes :func:`proposer_messages`; the policy searches
+    (search_qa's tags and observation format) and ends with ``<question>…</question>``, the answer
+    tag here, so ``trajectory.answer`` is the question. Options: ``prompt`` (``full`` or ``short``).
+
+    The reward is a stand-in 0: the proposer's reward needs the solver's attempts, which the
+    ``self_play`` recipe scores after the solver stage (:func:`agentrl.algos.self_play.proposer_reward`).
+    """
+
+    name = "self_play_proposer"
+    option_names = ("prompt",)
+    tools = ("search",)
+    action_format = "xml"
+    tags = {"search": "search"}
+    answer_tag = "question"
+    observation_template = SearchQAEnv.observation_template
+    final_turn_message = "\n\n<information>No more searches are allowed. Write your question now.</information>\n\n"
+
+    def load(self, split: str, path: str | None = None) -> list[dict[str, Any]]:
+        """The answers (``split="train"``); the proposer has no evaluation split."""
+        return load_answers(path or ANSWERS_PATH) if split == "train" else []
+
+    def make_task(self, row: dict[str, Any], index: int) -> Task:
+        messages = proposer_messages(row["answer"], row["hops"], row.get("examples", ()),
+                                     prompt=self.options.get("prompt", "full"))
+        return Task(id=str(index), messages=messages, answer=row["answer"],
+                    metadata={"answer": row["answer"], "hops": row["hops"]})
+
+    def reward(self, task: Task, trajectory: Trajectory) -> Reward:
+        return Reward(0.0, False, info={"asked": float(trajectory.answer is not None)})
 
 
 # -- scripted demonstrations of both roles ------------------------------------------------------

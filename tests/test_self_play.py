@@ -28,26 +28,28 @@ from fastapi.responses import JSONResponse
 from agentrl.algos.self_play import (
     PLACEHOLDER_QUESTION,
     REJECTION_REASONS,
-    Judge,
-    JudgeError,
     Problem,
     ProblemPool,
     ProposerOutput,
     QuestionRules,
     Verdict,
     answer_tag_spam,
-    check_questions,
     check_rules,
     extract_question,
     proposer_messages,
     proposer_output,
     proposer_output_from_messages,
     proposer_reward,
+    self_play_metrics,
+    solver_reward,
+)
+from agentrl.algos.self_play_check import (
+    Judge,
+    JudgeError,
+    check_questions,
     rag_check,
     rag_documents,
     score_solver,
-    self_play_metrics,
-    solver_reward,
 )
 from agentrl.config import RolloutConfig, ToolsConfig
 from agentrl.executor import ToolExecutor

@@ -15,6 +15,7 @@ BUILTIN_RECIPES = {
     "default": "agentrl.recipes.base:Recipe",
     "drbot": "agentrl.recipes.drbot:DrBoTRecipe",
     "spear": "agentrl.recipes.spear:SpearRecipe",
+    "self_play": "agentrl.recipes.self_play:SelfPlayRecipe",
 }
 
 

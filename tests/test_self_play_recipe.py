@@ -1,0 +1,348 @@
+"""The self_play recipe wired into the local trainer: both roles' updates move the weights, rewards
+land on the right trajectories, the problem pool fills invalid slots and is cleared, per-role
+temperatures reach the engine, a resumed run repeats exactly (pool included), and a two-step run
+of configs/ssp.yaml's shape trains with the tiny model.
+
+Most tests play both roles with a scripted policy that follows the committed demonstrations (real
+search tool, real tiny model in the update), so that valid questions, solved and unsolved attempts
+all occur; the end-to-end runs sample from the tiny model itself."""
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from agentrl.envs.search_qa import normalize_answer
+from safetensors.torch import load_file
+
+from agentrl.config import build_config
+from agentrl.engines.base import GenerationResult
+from agentrl.recipes.self_play import ROLE, SelfPlayRecipe
+from agentrl.tracking import read_metrics
+from agentrl.trainer.checkpoint import latest_checkpoint
+from agentrl.trainer.local import build_run, close_run, train
+from agentrl.trainer.update import update
+from tests.test_trainer import _comparable, _run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMOS = [json.loads(line) for line in (ROOT / "envs/data/fictional/self_play_demonstrations.jsonl").read_text().splitlines()]
+PROPOSALS = {d["answer"]: d["messages"] for d in DEMOS if d["role"] == "proposer"}
+ANSWER_OF = {re.search(r"<question> (.*) </question>", d["messages"][-1]["content"]).group(1): d["answer"]
+             for d in DEMOS if d["role"] == "proposer"}
+SOLVER_CHATS = {d["messages"][0]["content"].rsplit("Question: ", 1)[1]: d["messages"]
+                for d in DEMOS if d["role"] == "solver"}
+
+
+def _turn(chat: list[dict], done: int) -> str:
+    return [m["content"] for m in chat if m["role"] == "assistant"][done]
+
+
+class DemoPolicy:
+    """Plays the demonstrations: a proposer with a demonstration for its answer follows it (else
+    asks a too-short question); the RAG reader gives the demonstrated answer; a solver follows its
+    chat's searches and answers correctly on even seeds only, so groups have mixed rewards."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.policy_version, self.temperatures = tokenizer, 0, []
+
+    async def generate(self, prompt_ids, params) -> GenerationResult:
+        text = self.tokenizer.decode(prompt_ids)
+        response = text.rsplit("<|im_start|>assistant\n", 1)[1]
+        done = response.count("</search>")
+        if "using only the documents below" in text:
+            role, question = "rag", text.rsplit("Question: ", 1)[1].split("<|im_end|>")[0].strip()
+            out = f"<answer> {ANSWER_OF.get(question, 'unknown')} </answer>"
+        elif "Write a question whose answer is" in text:
+            role, answer = "proposer", re.search(r"answer is (.+?) and which takes", text).group(1)
+            out = _turn(PROPOSALS[answer], done) if answer in PROPOSALS else "<question> Who? </question>"
+        else:
+            role, question = "solver", text.rsplit("Question: ", 1)[1].split("<|im_end|>")[0].strip()
+            chat = SOLVER_CHATS.get(question)
+            if chat is None:  # a placeholder problem
+                out = "<answer> none </answer>"
+            else:
+                out = _turn(chat, done)
+                if out.startswith("<answer>") and (params.seed // 100) % 2:
+                    out = "<answer> somewhere else </answer>"
+        self.temperatures.append((role, params.temperature))
+        ids = self.tokenizer.encode(out, add_special_tokens=False)
+        return GenerationResult(ids, [-0.5] * len(ids), "stop", None, self.policy_version)
+
+    def update_weights(self, state_dict=None):
+        self.policy_version += 1
+
+    async def close(self):
+        pass
+
+
+def answers_file(tmp_path: Path) -> Path:
+    """Six answers: four with a demonstration (valid proposals), two without (invalid ones)."""
+    demonstrated = [d for d in DEMOS if d["role"] == "proposer"][:4]
+    rows = [{"answer": d["answer"], "hops": d["hops"]} for d in demonstrated]
+    rows += [{"answer": "Qwertyville", "hops": 2}, {"answer": "1234", "hops": 2}]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def ssp_config(model_dir, output_dir, answers=None, **sections) -> dict:
+    """configs/ssp.yaml with the tiny model and small budgets."""
+    config = yaml.safe_load((ROOT / "configs/ssp.yaml").read_text())
+    config.update(output_dir=str(output_dir))
+    config["model"]["name"] = str(model_dir)
+    config["env"]["eval_size"] = 4
+    config["env"]["train_data"] = str(ROOT / config["env"]["train_data"])
+    config["sft"].update(data=str(ROOT / config["sft"]["data"]), num_demonstrations=4, epochs=1)
+    config["rollout"].update(max_new_tokens=8, max_response_tokens=48, max_turns=3)
+    config["trainer"].update(steps=2, prompts_per_step=3, eval_every=2, eval_before=False, torch_threads=1,
+                             lr=1e-3)
+    config["self_play"].update(n_solve=2, **({"answers": str(answers)} if answers else {}))
+    config["tracking"] = {"progress": False, "sample_trajectories": 4}
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def scripted_run(model_dir, tmp_path, **sections):
+    """A built run whose rollouts and RAG checks come from :class:`DemoPolicy`; the tiny model trains."""
+    sections = {"rollout": {"max_new_tokens": 64, "max_response_tokens": 1024, "max_turns": 4},
+                "tools": {"options": {"search": {"topk": 3, "max_doc_chars": 90}}},  # short observations: a fast update
+                "self_play": {"n_solve": 4}, **sections}
+    config = build_config(ssp_config(model_dir, tmp_path / "run", answers_file(tmp_path), **sections))
+    run = build_run(config)
+    run.engine = DemoPolicy(run.tokenizer)
+    run.recipe = SelfPlayRecipe(run)
+    return run
+
+
+def collect_scored(run, step=1):
+    recipe = run.recipe
+    trajectories, _ = recipe.collect(step)
+    metrics = recipe.score(trajectories, step)
+    return trajectories, metrics
+
+
+def role(trajectories, name):
+    return [t for t in trajectories if t.metadata[ROLE]["role"] == name]
+
+
+def test_rewards_of_both_roles_land_on_their_own_trajectories(tiny_model_dir, tmp_path):
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 4, "invalid_penalty": -0.5},
+                       trainer={"prompts_per_step": 6})
+    try:
+        trajectories, metrics = collect_scored(run)
+    finally:
+        close_run(run)
+    proposers, solvers = role(trajectories, "proposer"), role(trajectories, "solver")
+    assert len(proposers) == 6 and len(solvers) == 24
+    for solver in solvers:
+        info = solver.metadata[ROLE]
+        if info["source"] == "placeholder":
+            continue
+        correct = solver.answer is not None and normalize_answer(solver.answer) == normalize_answer(info["answer"])
+        assert solver.reward == float(correct)
+    valid = [p for p in proposers if p.metadata[ROLE]["valid"]]
+    assert len(valid) == 4 and metrics["self_play/valid_rate"] == pytest.approx(4 / 6)
+    assert metrics["self_play/rejected/too_short"] == 2 and metrics["self_play/rag_pass_rate"] == 1.0
+    for proposer in proposers:
+        info = proposer.metadata[ROLE]
+        own = [s.reward for s in solvers if s.metadata[ROLE]["slot"] == info["slot"]]
+        if info["valid"]:
+            assert 0 < sum(r > 0 for r in own) < len(own)  # mixed attempts: the reward is not trivially 0 or 1
+            assert proposer.reward == pytest.approx(1 - sum(r > 0 for r in own) / len(own))
+            assert [a["reward"] for a in info["solver_attempts"]] == own and info["rag_answer"] == info["answer"]
+        else:
+            assert proposer.reward == -0.5 and info["reason"] == "too_short"
+    # the invalid slots of an empty pool are placeholders, and no placeholder attempt trains
+    assert metrics["self_play/placeholder_slots"] == 2
+    trainable, _, _ = run.recipe.select(trajectories, 1)
+    assert not any(t.metadata[ROLE].get("source") == "placeholder" for t in trainable)
+    assert metrics["self_play/solver_accuracy"] == pytest.approx(
+        sum(s.reward > 0 for s in solvers if s.metadata[ROLE]["source"] == "proposed") / 16)
+
+
+def test_the_proposer_update_and_the_solver_update_each_change_the_weights(tiny_model_dir, tmp_path):
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2}, trainer={"prompts_per_step": 6, "micro_batch_size": 8})
+    try:
+        trajectories, _ = collect_scored(run)
+        trainable, _, _ = run.recipe.select(trajectories, 1)
+        parts, _ = run.recipe.loss_batches(trainable, 1)
+        assert [p.name for p in parts] == ["proposer", "solver"]
+        assert parts[0].algo.advantage == "reinforce_pp" and parts[1].algo is None  # the solver: the run's GRPO
+        assert {t.metadata[ROLE]["role"] for t in parts[0].trajectories} == {"proposer"}
+        assert len({t.group_id for t in parts[1].trajectories}) == 4  # one GRPO group per proposed question
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        first = update(run, parts[:1], 1)
+        after_proposer = {k: v.clone() for k, v in run.model.state_dict().items()}
+        second = update(run, parts[1:], 1)
+        after_solver = run.model.state_dict()
+    finally:
+        close_run(run)
+    assert first["proposer/grad_norm"] > 0 and second["solver/grad_norm"] > 0
+    assert any(not torch.equal(before[k], after_proposer[k]) for k in before)
+    assert any(not torch.equal(after_proposer[k], after_solver[k]) for k in before)
+
+
+def test_a_combined_update_trains_both_roles_in_one_batch(tiny_model_dir, tmp_path):
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"combine_update": True, "proposer_advantage": "grpo_batch"})
+    try:
+        trajectories, _ = collect_scored(run)
+        trainable, _, _ = run.recipe.select(trajectories, 1)
+        parts, _ = run.recipe.loss_batches(trainable, 1)
+    finally:
+        close_run(run)
+    assert len(parts) == 1 and parts[0].name == "policy"
+    proposers = role(parts[0].trajectories, "proposer")
+    assert proposers and {t.group_id for t in proposers} == {"propose-1"}  # the proposals: one GRPO group
+    with pytest.raises(ValueError, match="grpo_batch"):
+        build_config({"self_play": {"combine_update": True}})
+
+
+def test_the_pool_refills_invalid_slots_and_is_cleared_every_k_steps(tiny_model_dir, tmp_path):
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2, "pool_clear_every": 2},
+                       trainer={"prompts_per_step": 3})
+    try:
+        seen = []
+        for step in range(1, 5):
+            trajectories, metrics = collect_scored(run, step)
+            trainable, _, _ = run.recipe.select(trajectories, step)
+            metrics.update(run.recipe.after_update([], step))
+            sources = [t.metadata[ROLE]["source"] for t in role(trajectories, "solver")][::2]
+            seen.append((metrics, role(trajectories, "proposer"), sources))
+    finally:
+        close_run(run)
+    for _, proposers, sources in seen:
+        for proposer, source in zip(proposers, sources, strict=True):
+            assert source == "proposed" if proposer.metadata[ROLE]["valid"] else source in ("pool", "placeholder")
+    valid = [sum(p.metadata[ROLE]["valid"] for p in ps) for _, ps, _ in seen]
+    assert all(valid) and not all(v == 3 for v in valid)  # every step has valid and invalid proposals
+    # the pool's size at the end of each step (before a clearing), and the clearing after steps 2 and 4
+    assert [m["self_play/pool_size"] for m, _, _ in seen] == [valid[0], valid[0] + valid[1], valid[2], valid[2] + valid[3]]
+    assert [m["self_play/pool_cleared"] for m, _, _ in seen] == [0.0, 1.0, 0.0, 1.0]
+    # an invalid slot is a placeholder only while the pool is empty (steps 1 and 3, just after a clearing)
+    for index, (metrics, _, sources) in enumerate(seen):
+        assert ("pool" in sources) == (index in (1, 3) and 3 - valid[index] > 0)
+        assert ("placeholder" in sources) == (index in (0, 2) and 3 - valid[index] > 0)
+        assert metrics["self_play/reused_slots"] == sources.count("pool")
+    assert seen[-1][0]["self_play/pool_reused_total"] == sum(m["self_play/reused_slots"] for m, _, _ in seen)
+
+
+def test_each_role_samples_at_its_own_temperature(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="scores every batch at rollout.temperature"):
+        run = scripted_run(tiny_model_dir, tmp_path, self_play={"proposer_temperature": 0.7, "solver_temperature": 1.3})
+    try:
+        collect_scored(run)
+    finally:
+        close_run(run)
+    temperatures = {}
+    for name, temperature in run.engine.temperatures:
+        temperatures.setdefault(name, set()).add(temperature)
+    assert temperatures == {"proposer": {0.7}, "rag": {0.0}, "solver": {1.3}}
+
+
+def test_self_play_reads_no_training_question(tiny_model_dir, tmp_path):
+    run = scripted_run(tiny_model_dir, tmp_path)
+    close_run(run)
+    assert run.train_rows == []
+    config = ssp_config(tiny_model_dir, tmp_path / "bad")
+    config["sft"]["data"] = None
+    with pytest.raises(ValueError, match="sft.data"):
+        build_run(build_config(config))
+    assert "train.jsonl" not in (ROOT / "configs/ssp.yaml").read_text()
+
+
+def test_a_resumed_recipe_repeats_the_next_step_exactly_pool_included(tiny_model_dir, tmp_path):
+    def outcome(trajectories):
+        return [(t.id, t.metadata[ROLE].get("question"), t.metadata[ROLE].get("source"), t.reward) for t in trajectories]
+
+    straight = scripted_run(tiny_model_dir, tmp_path / "a", self_play={"n_solve": 2, "pool_clear_every": 5},
+                            trainer={"prompts_per_step": 3})
+    broken = scripted_run(tiny_model_dir, tmp_path / "b", self_play={"n_solve": 2, "pool_clear_every": 5},
+                          trainer={"prompts_per_step": 3})
+    try:
+        for run in (straight, broken):
+            for step in (1, 2):
+                trajectories, _ = collect_scored(run, step)
+                run.recipe.after_update([], step)
+        state = json.loads(json.dumps(broken.recipe.state_dict()))  # what a checkpoint holds
+        assert len(state["pool"]["problems"]) > 0 and state["answer_position"] == 6
+        broken.recipe = SelfPlayRecipe(broken)
+        broken.recipe.load_state_dict(state)
+        expected, _ = collect_scored(straight, 3)
+        resumed, _ = collect_scored(broken, 3)
+    finally:
+        close_run(straight), close_run(broken)
+    assert outcome(resumed) == outcome(expected)
+    assert any(s == "pool" for _, _, s, _ in outcome(expected))  # step 3 drew from the restored pool
+    assert broken.recipe.pool.state_dict() == straight.recipe.pool.state_dict()
+
+
+def test_a_two_step_ssp_run_trains_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path):
+    state = train(build_config(ssp_config(tiny_model_dir, tmp_path / "run")))
+    assert state.step == 2
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and "sft/loss_last" in rows[0]
+    for row in rows[1:]:
+        assert "self_play/valid_rate" in row and "self_play/rejected/no_question" in row
+        assert "self_play/pool_size" in row and row["proposer/trajectories"] == 3
+    assert "eval/success_rate" in rows[2]
+    recipe = torch.load(latest_checkpoint(tmp_path / "run") / "training.pt", weights_only=False)["extra"]["recipe"]
+    assert recipe["answer_position"] == 6 and recipe["pool"]["problems"] == []  # the tiny model proposes nothing valid
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step-000002.jsonl").read_text().splitlines()]
+    assert samples[0]["metadata"][ROLE]["role"] == "proposer" and "valid" in samples[0]["metadata"][ROLE]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_of_self_play_gives_the_same_weights_and_metrics(tmp_path, tiny_model_dir):
+    straight = ssp_config(tiny_model_dir, tmp_path / "straight",
+                          trainer={"steps": 2, "eval_every": 0, "deterministic": True}, rollout={"max_batch_size": 1})
+    broken = {**straight, "output_dir": str(tmp_path / "broken")}
+    process = _run_cli(straight, tmp_path / "straight.yaml")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+
+    process = _run_cli(broken, tmp_path / "broken.yaml")
+    pointer = tmp_path / "broken" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (pointer.is_file() and pointer.read_text().strip() == "step-000001"):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "broken" / "checkpoints" / "step-000002").exists()
+
+    process = _run_cli({**broken, "resume": True}, tmp_path / "resume.yaml")
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "broken" / "model" / "model.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+    assert _comparable(read_metrics(tmp_path / "broken" / "metrics.jsonl")) == \
+        _comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_the_viewer_shows_each_proposal_with_its_question_rag_check_and_solver_attempts(tiny_model_dir, tmp_path):
+    from agentrl.trajectory import write_jsonl
+    from agentrl.viewer import write_viewer
+    from tests.test_viewer import body_attributes, chromium
+
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2}, trainer={"prompts_per_step": 6})
+    try:
+        trajectories, _ = collect_scored(run)
+    finally:
+        close_run(run)
+    write_jsonl(trajectories, tmp_path / "view" / "samples" / "step-000001.jsonl")
+    page, count = write_viewer(tmp_path / "view", tokenizer=run.tokenizer)
+    proposal = next(t for t in role(trajectories, "proposer") if t.metadata[ROLE]["valid"])
+    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()).stdout
+    assert body_attributes(dom) == {"data-rendered": str(count), "data-shown": str(count)}  # no data-errors
+    assert f"question: {proposal.metadata[ROLE]['question']}" in dom
+    assert f"valid · RAG check answered {proposal.metadata[ROLE]['answer']}" in dom
+    assert "solver attempt 2: " in dom and "rejected: too_short · no RAG check" in dom
+    assert "solver (proposed problem) · question: " in dom
