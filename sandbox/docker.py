@@ -4,21 +4,28 @@ a non-root user, no capabilities and memory, pid and CPU limits (the ``docker`` 
 
 Used only when configured and when a Docker engine answers; otherwise :class:`SandboxUnavailable`.
 There is no warm pool: every call pays a container start, so prefer ``bwrap`` where it runs.
+
+The job (code, stdin, files) reaches the container on its standard input, through the engine's
+attach socket, never on the command line (whose ``ARG_MAX`` would refuse a job over about 128 KiB):
+the container is created with ``stdin_open`` (and so ``StdinOnce``), attached before it starts,
+and the end of the job is the end of its stdin.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 
 from agentrl.sandbox.base import DEFAULT_MAX_OUTPUT_BYTES, Backend, RunResult, SandboxUnavailable
 from agentrl.sandbox.worker import MARK as TRUNCATED
 
-# Runs inside the container: stdin and files come in as arguments, then the user's code as __main__.
+# Runs inside the container: the job arrives as JSON on stdin (read to its end), then the user's
+# code runs as __main__ with the job's stdin.
 LAUNCHER = """
 import base64, io, json, os, sys
-job = json.loads(base64.b64decode(sys.argv[1]))
+job = json.loads(sys.stdin.buffer.read())
 sys.stdin = io.StringIO(job["stdin"])
 for name, data in job["files"].items():
     path = os.path.normpath(os.path.join("/work", name))
@@ -66,10 +73,11 @@ class DockerBackend(Backend):
             raise SandboxUnavailable("the docker backend cannot fetch files; use the bwrap backend")
 
         job = {"code": code, "stdin": stdin, "files": {k: base64.b64encode(v).decode() for k, v in (files or {}).items()}}
-        argument = base64.b64encode(json.dumps(job).encode()).decode()
+        payload = json.dumps(job).encode()
         started = time.monotonic()
         container = self.client.containers.create(
-            self.image, ["python", "-I", "-c", LAUNCHER, argument], network_mode="none", read_only=True,
+            self.image, ["python", "-I", "-c", LAUNCHER], network_mode="none", read_only=True,
+            stdin_open=True,  # with the SDK's default detach=False this also sets StdinOnce: EOF ends stdin
             user="65534:65534", mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m",
             pids_limit=self.max_processes, nano_cpus=int(self.cpus * 1e9),
             tmpfs={"/work": f"size={self.tmpfs_mb}m,mode=1777", "/tmp": "size=16m,mode=1777"},
@@ -79,7 +87,14 @@ class DockerBackend(Backend):
             log_config=LogConfig(type="json-file", config={"max-size": f"{max(self.max_output_bytes * 4, 1 << 20)}"}),
         )
         try:
-            container.start()
+            attached = container.attach_socket(params={"stdin": 1, "stream": 1})
+            raw = getattr(attached, "_sock", attached)  # the SDK hands back a SocketIO over the socket
+            try:
+                container.start()
+                self._send_job(raw, payload, timeout)
+            finally:
+                attached.close()
+                raw.close()
             timed_out = False
             try:
                 return_code = container.wait(timeout=timeout).get("StatusCode")
@@ -96,6 +111,19 @@ class DockerBackend(Backend):
             stdout=stdout, stderr=stderr, return_code=return_code, timed_out=timed_out,
             memory_exceeded=oom_killed or "MemoryError" in stderr[-2000:], duration_s=time.monotonic() - started,
         )
+
+    @staticmethod
+    def _send_job(raw, payload: bytes, timeout: float) -> None:
+        """Write the job to the container's stdin and end it: a half-close, or else closing the
+        attach; either way ``StdinOnce`` makes the engine close the container's stdin. A container
+        that dies first (its memory limit, say) refuses the rest; that is its result, read from its
+        state and logs as usual."""
+        raw.settimeout(timeout)
+        try:
+            raw.sendall(payload)
+            raw.shutdown(socket.SHUT_WR)
+        except (OSError, AttributeError):  # a broken pipe or the timeout; a transport with no half-close
+            pass
 
     def _read_capped(self, container, stdout: bool, stderr: bool) -> str:
         """Stream the logs and keep ``max_output_bytes``: gigabytes of output never reach memory."""

@@ -24,6 +24,13 @@ def test_docker_runs_code_with_stdin_and_files(sandbox):
     assert result.ok and result.stdout == "in file\n"
 
 
+def test_docker_takes_jobs_far_over_the_command_line_limit(sandbox):
+    # the job travels on the container's stdin: argv would refuse anything over ~128 KiB (E2BIG)
+    code = "DATA = '" + "c" * 300_000 + "'\nimport sys\nprint(len(DATA), len(sys.stdin.read()), len(open('big.bin', 'rb').read()))"
+    result = sandbox.run(code, stdin="s" * 200_000, files={"big.bin": b"\0" * (1 << 20)})
+    assert result.ok and result.stdout == f"300000 200000 {1 << 20}\n", result.stderr[-500:]
+
+
 def test_docker_has_no_network_and_no_host_environment(sandbox):
     os.environ["AGENTRL_DOCKER_SECRET"] = "hidden-value"
     result = sandbox.run("import os\nprint(sorted(os.listdir('/sys/class/net')), 'hidden-value' in str(os.environ))")
