@@ -21,7 +21,6 @@ import argparse
 import datetime
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agentrl.tracking import read_metrics  # noqa: E402
+from bench.partial_train import seconds_until, train  # noqa: E402  (one `agentrl train` child process)
 from bench.record import write_section  # noqa: E402
 
 CONFIG = "configs/ssp.yaml"
@@ -46,25 +46,6 @@ def arms(config: dict) -> dict[str, list[str]]:
     return {"self-play": [], "supervised GRPO": supervised}
 
 
-def train(output_dir: Path, overrides: list[str], log: Path) -> float:
-    """One ``agentrl train`` child process; returns its wall time."""
-    command = [sys.executable, "-m", "agentrl.cli", "train", CONFIG, f"output_dir={output_dir}", *overrides]
-    started = time.perf_counter()
-    with log.open("a") as handle:
-        handle.write(" ".join(command) + "\n")
-        handle.flush()
-        subprocess.run(command, cwd=ROOT, check=True, stdout=handle, stderr=subprocess.STDOUT)
-    return time.perf_counter() - started
-
-
-def seconds_until(deadline: str | None) -> float:
-    if deadline is None:
-        return float("inf")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    hour, minute = map(int, deadline.split(":"))
-    return (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
-
-
 def summarise(rows: list[dict]) -> dict:
     steps = [r for r in rows if r["step"] > 0 and "time/step_s" in r]
 
@@ -72,7 +53,9 @@ def summarise(rows: list[dict]) -> dict:
         values = [r[key] for r in steps if key in r]
         return statistics.fmean(values) if values else float("nan")
 
-    return {"steps": len(steps), "step_s": mean("time/step_s"), "trajectories": mean("update/trajectories"),
+    trained = [sum(r.get(f"{prefix}update/trajectories", 0.0) for prefix in ("", "proposer/", "solver/")) for r in steps]
+    return {"steps": len(steps), "step_s": mean("time/step_s"),
+            "trajectories": statistics.fmean(trained) if trained else float("nan"),
             "train_success": mean("success_rate"),
             "curve": [(r["step"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r],
             **{key: mean(f"self_play/{key}") for key in ("valid_rate", "rag_pass_rate", "solver_accuracy",
@@ -123,7 +106,7 @@ def main() -> None:
     common = [*args.overrides, "tracking.progress=false", f"trainer.eval_every={args.chunk}",
               f"trainer.save_every={args.chunk}", "trainer.keep_checkpoints=1"]
     print(f"warm start (SFT on both roles' demonstrations, the step-0 evaluation); log: {log}", flush=True)
-    warm_s = train(root / "warm", [*common, "trainer.steps=0"], log)
+    warm_s = train(CONFIG, root / "warm", [*common, "trainer.steps=0"], log)
     print(f"  {warm_s:.0f} s", flush=True)
     plan = arms(config)
     for arm in plan:
@@ -134,7 +117,7 @@ def main() -> None:
         chunk = min(args.chunk, args.steps - done)
         pair_started = time.perf_counter()
         for arm, keys in plan.items():
-            seconds = train(root / arm.replace(" ", "-"), [*common, *keys, "resume=true", f"trainer.steps={done + chunk}"], log)
+            seconds = train(CONFIG, root / arm.replace(" ", "-"), [*common, *keys, "resume=true", f"trainer.steps={done + chunk}"], log)
             wall[arm] += seconds
             print(f"  {arm}: steps {done + 1}-{done + chunk} in {seconds:.0f} s", flush=True)
         done += chunk

@@ -233,6 +233,26 @@ def test_the_pool_refills_invalid_slots_and_is_cleared_every_k_steps(tiny_model_
     assert seen[-1][0]["self_play/pool_reused_total"] == sum(m["self_play/reused_slots"] for m, _, _ in seen)
 
 
+def test_a_failing_judge_unscores_the_solver_attempts_it_could_not_judge_or_stops_the_run(tiny_model_dir, tmp_path):
+    judge = {"judge_url": "http://127.0.0.1:9/v1", "judge_attempts": 1, "judge_timeout_s": 1.0}  # nothing listens
+    run = scripted_run(tiny_model_dir, tmp_path / "reject", self_play={"n_solve": 2, **judge})
+    try:
+        trajectories, _ = collect_scored(run)
+        trainable, _, _ = run.recipe.select(trajectories, 1)
+    finally:
+        close_run(run)
+    solvers = [t for t in role(trajectories, "solver") if t.metadata[ROLE]["source"] == "proposed"]
+    wrong = [t for t in solvers if normalize_answer(t.answer) != normalize_answer(t.metadata[ROLE]["answer"])]
+    assert wrong and all(t.status == "reward_error" and t.reward is None and t not in trainable for t in wrong)
+    assert all(t.reward == 1.0 for t in solvers if t not in wrong)  # exact matches never ask the judge
+    run = scripted_run(tiny_model_dir, tmp_path / "raise", self_play={"n_solve": 2, "judge_failure": "raise", **judge})
+    try:
+        with pytest.raises(RuntimeError, match="judge_failure=raise"):
+            collect_scored(run)
+    finally:
+        close_run(run)
+
+
 def test_each_role_samples_at_its_own_temperature(tiny_model_dir, tmp_path):
     with pytest.warns(UserWarning, match="scores every batch at rollout.temperature"):
         run = scripted_run(tiny_model_dir, tmp_path, self_play={"proposer_temperature": 0.7, "solver_temperature": 1.3})
