@@ -166,6 +166,24 @@ def load_vision_model(path: str | Path, dtype: torch.dtype = torch.float32, devi
     return model, tokenizer
 
 
+def unsampled_token_ids(model: Any) -> list[int]:
+    """Token ids a policy never samples: a vision-language model's image placeholder. One sampled
+    would stand in the next request without an image behind it ("image features and image tokens
+    do not match"), so the engine and the trainer both score it out (:func:`mask_unsampled`)."""
+    config = getattr(model, "config", None)
+    token = getattr(config, "image_token_id", None) if hasattr(config, "vision_config") else None
+    return [int(token)] if token is not None else []
+
+
+def mask_unsampled(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """``logits`` (fp32) with ``token_ids`` at -1e9: probability 0 at any temperature, and finite, so
+    entropies stay finite. The engine samples from this and the trainer scores with it."""
+    logits = logits.float()
+    if not token_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(token_ids, device=logits.device), -1e9)
+
+
 # -- images in the token stream ----------------------------------------------------------------------
 
 

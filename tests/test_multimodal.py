@@ -20,6 +20,7 @@ from agentrl.models import load_model
 from agentrl.multimodal import (
     ImageInputs,
     digest,
+    model_inputs,
     process_image,
     processor_for,
     store_images_by_reference,
@@ -304,3 +305,31 @@ def test_the_policy_loss_reaches_the_vision_tower_through_the_tool_images(vision
     vision_grads = [p.grad for p in model.model.vision_model.parameters()]
     assert all(g is not None for g in vision_grads) and sum(float(g.abs().sum()) for g in vision_grads) > 0
     model.zero_grad(set_to_none=True)
+
+
+def test_the_image_placeholder_is_never_sampled_and_the_trainer_scores_it_out_alike(vision):
+    import copy
+
+    model, tokenizer, processor = vision
+    model = copy.deepcopy(model)
+
+    def next_token_logits(batch):  # the unmasked logits after the prompt
+        images = model_inputs([t for row in batch.image_inputs for t in row.tensors])
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     **images).logits[0, batch.prompt_width - 1]
+
+    probe = run_one(ScriptThenModel(HFEngine(model, tokenizer), tokenizer, []), tokenizer, max_turns=1, max_new_tokens=1)
+    with torch.no_grad():  # make <image> by far the policy's favourite first token
+        favourite = int(next_token_logits(collate([probe], tokenizer.pad_token_id)).argmax())
+        model.lm_head.weight[processor.image_token_id] = model.lm_head.weight[favourite] * 50
+    trajectories = [run_one(ScriptThenModel(HFEngine(model, tokenizer), tokenizer, []), tokenizer, max_turns=1,
+                            temperature=t) for t in (1.0, 0.0)]
+    batch = collate(trajectories, tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert int(next_token_logits(batch).argmax()) == processor.image_token_id  # unmasked, it would be picked
+        logprobs = forward_response(model, batch).logprobs
+    for trajectory in trajectories:
+        sampled = [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask) if m]
+        assert len(sampled) == 64 and processor.image_token_id not in sampled
+    mask = batch.loss_mask.bool()
+    assert torch.allclose(logprobs[mask], batch.sampling_logprobs[mask], atol=1e-4)

@@ -36,7 +36,7 @@ import torch
 
 from agentrl.algos.sampling import sampling_logprobs
 from agentrl.engines.base import GenerationResult, SamplingParams
-from agentrl.multimodal import ImageInputs, model_inputs
+from agentrl.multimodal import ImageInputs, mask_unsampled, model_inputs, unsampled_token_ids
 
 
 @dataclass
@@ -81,6 +81,7 @@ class HFEngine:
         # transformers 5 renamed `past_key_values` to `cache`; accept either.
         forward_parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_parameters else "past_key_values"
+        self.unsampled_token_ids = unsampled_token_ids(model)  # a vision-language model's image placeholder
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task | None = None
         self._weights_lock = threading.Lock()
@@ -315,7 +316,7 @@ class HFEngine:
 
     def _step(self, requests: list[_Request], logits: torch.Tensor, version: int):
         """Sample one token per row; return (tokens, rows still running, finished results)."""
-        logits = logits.float()
+        logits = mask_unsampled(logits, self.unsampled_token_ids)
         sampled = [self._sample(logits[row], request) for row, request in enumerate(requests)]
         keep, finished = [], []
         for row, (request, token) in enumerate(zip(requests, sampled)):

@@ -19,7 +19,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from agentrl.multimodal import ImageInputs, model_inputs, trajectory_image_inputs
+from agentrl.multimodal import (
+    ImageInputs,
+    mask_unsampled,
+    model_inputs,
+    trajectory_image_inputs,
+    unsampled_token_ids,
+)
 from agentrl.trajectory import Trajectory
 
 Tensor = torch.Tensor
@@ -213,6 +219,9 @@ def forward_response(model, batch: TrainBatch, value_head: torch.nn.Module | Non
         **images,
     )
     logits = output.logits[:, :-1, :]
+    unsampled = unsampled_token_ids(model)
+    if unsampled:  # scored out as the engine sampled (a vision-language model's image placeholder)
+        logits = mask_unsampled(logits, unsampled)
     logprobs = sampling_logprobs(logits, batch.response_ids, temperature, top_p)
     entropy = None
     if with_entropy:
