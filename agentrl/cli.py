@@ -23,6 +23,7 @@ app = typer.Typer(
 serve_app = typer.Typer(help="Run a service: tools, sandbox or retriever (127.0.0.1 by default).", no_args_is_help=True)
 tools_app = typer.Typer(help="List registered tools or call one.", no_args_is_help=True)
 index_app = typer.Typer(help="Build and inspect retrieval indexes.", no_args_is_help=True)
+export_app = typer.Typer(help="Write an env's data for another trainer.", no_args_is_help=True)
 
 console = Console()
 error_console = Console(stderr=True)
@@ -86,9 +87,18 @@ def config_command(config: ConfigArg = None, overrides: OverridesArg = None) -> 
 
 
 @app.command("train")
-def train_command(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
-    """Train a policy with RL (and an optional SFT warm start); resume with resume=true."""
+def train_command(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="trainer.backend=verl: print verl's command, run nothing")] = False,
+) -> None:
+    """Train a policy with RL (and an optional SFT warm start); resume with resume=true;
+    trainer.backend=verl runs verl's trainer (docs/scale-out.md)."""
     resolved = resolve_config(config, overrides, preflight=True)
+    if resolved.trainer.backend == "verl":
+        return _train_verl(resolved, dry_run)
+    if dry_run:
+        fail("error", "--dry-run prints the verl command; set trainer.backend=verl")
     from agentrl.trainer.local import train
 
     try:
@@ -96,6 +106,29 @@ def train_command(config: ConfigArg = None, overrides: OverridesArg = None) -> N
     except USER_ERRORS as error:
         fail("error", error)
     console.print(f"trained {state.step} steps; metrics, samples, plot and checkpoints in {resolved.output_dir}")
+
+
+def _train_verl(resolved, dry_run: bool) -> None:
+    """Export the data, then run (or with ``dry_run`` print) ``python -m verl.trainer.main_ppo``."""
+    import subprocess
+
+    from agentrl.verl import launch
+    from agentrl.verl.export import export_verl
+
+    try:
+        command = launch.verl_command(resolved, launch.data_dir(resolved))
+        for key in launch.local_only_settings(resolved):
+            error_console.print(f"note: {key} only tunes the local trainer; verl does not read it", highlight=False)
+        paths = export_verl(resolved, launch.data_dir(resolved))
+    except (ConfigError, *USER_ERRORS) as error:
+        fail("config error" if isinstance(error, ConfigError) else "error", error)
+    console.print(f"data: {paths['train']}, {paths['val']}; run config for the agent loop: {paths['config']}",
+                  highlight=False, soft_wrap=True)
+    if dry_run:
+        lines = [launch.shell_line(command[:3]), *("  " + launch.shell_line([o]) for o in command[3:])]
+        console.print(" \\\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+        return
+    raise typer.Exit(subprocess.run(command).returncode)
 
 
 @app.command("sft")
@@ -337,9 +370,26 @@ def serve_sandbox_command(
         raise typer.Exit(2) from None
 
 
+@export_app.command("verl")
+def export_verl_command(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    out: Annotated[str, typer.Option(help="directory for train.parquet, val.parquet and agentrl.yaml")] = "verl_data",
+) -> None:
+    """Write the env's train and eval splits in verl's parquet schema, and the run config its agent loop reads."""
+    resolved = resolve_config(config, overrides)
+    from agentrl.verl.export import export_verl
+
+    try:
+        paths = export_verl(resolved, out)
+    except USER_ERRORS as error:
+        fail("error", error)
+    console.print(f"wrote {paths['train']}, {paths['val']} and {paths['config']}", highlight=False, soft_wrap=True)
+
+
 # -- command groups are registered last, once every command above has been defined ----------------
 
-for _group, _name in ((serve_app, "serve"), (tools_app, "tools"), (index_app, "index")):
+for _group, _name in ((serve_app, "serve"), (tools_app, "tools"), (index_app, "index"), (export_app, "export")):
     if _group.registered_commands:
         app.add_typer(_group, name=_name)
 

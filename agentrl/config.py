@@ -187,6 +187,7 @@ class AlgoConfig(Section):
 
 
 class TrainerConfig(Section):
+    backend: Literal["local", "verl"] = "local"  # verl: `agentrl train` runs verl's trainer (the verl section)
     steps: int = Field(10, ge=0)
     prompts_per_step: int = Field(8, gt=0)
     epochs: int = Field(1, gt=0)
@@ -334,6 +335,7 @@ class RunConfig(Section):
     trainer: TrainerConfig = TrainerConfig()
     sft: SftConfig = SftConfig()
     tracking: TrackingConfig = TrackingConfig()
+    verl: VerlConfig = VerlConfig()
     drbot: DrBoTConfig = DrBoTConfig()
     spear: SpearConfig = SpearConfig()
     self_play: SelfPlayConfig = SelfPlayConfig()
