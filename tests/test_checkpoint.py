@@ -62,6 +62,62 @@ def test_checkpoint_restores_weights_optimizer_scheduler_rng_and_state(tmp_path,
         assert torch.equal(value, expected_weights[key]), key
 
 
+class RunsCode:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused_and_runs_nothing(tmp_path, tokenizer):
+    from agentrl.models import tiny_model
+    from agentrl.trainer.checkpoint import UnsafeCheckpoint
+
+    model = tiny_model(tokenizer, hidden_size=32, num_layers=1)
+    path = save_checkpoint(tmp_path, TrainerState(step=1), model)
+    training = torch.load(path / "training.pt", weights_only=True)
+    marker = tmp_path / "marker"
+    training["extra"] = {"recipe": {"buffer": RunsCode(marker)}}
+    torch.save(training, path / "training.pt")  # a tampered checkpoint
+    fresh = tiny_model(tokenizer, seed=9, hidden_size=32, num_layers=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(UnsafeCheckpoint, match="exec"):
+        load_checkpoint(path, fresh, extra={})
+    assert not marker.exists()
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # nothing was loaded
+    torch.load(path / "training.pt", weights_only=False)  # the payload is real: a full unpickle runs it
+    assert marker.read_text() == "ran"
+
+
+def test_extra_state_round_trips_as_plain_data_and_arrays_are_refused_at_save(tmp_path, tokenizer):
+    from agentrl.models import tiny_model
+
+    model = tiny_model(tokenizer, hidden_size=32, num_layers=1)
+    rng = np.random.default_rng(5)
+    rng.random(3)
+    extra = {"critic": {"head": torch.ones(2), "updates": 3},
+             "recipe": {"buffer": {"entries": [{"reward": np.float64(0.5), "mask": [1, 0], "step": np.int64(2)}],
+                                   "rng": rng.bit_generator.state, "replays": 1}}}
+    save_checkpoint(tmp_path, TrainerState(step=1), model, extra=extra,
+                    partial_rollouts={"groups": [{"task": {"id": "t", "images": []}, "runs": []}]})
+    expected = rng.random(4)
+    restored: dict = {}
+    _, partial = load_checkpoint(latest_checkpoint(tmp_path), model, extra=restored)
+    assert partial == {"groups": [{"task": {"id": "t", "images": []}, "runs": []}]}
+    entry = restored["recipe"]["buffer"]["entries"][0]
+    assert entry == {"reward": 0.5, "mask": [1, 0], "step": 2} and type(entry["step"]) is int
+    assert torch.equal(restored["critic"]["head"], torch.ones(2))
+    again = np.random.default_rng()
+    again.bit_generator.state = restored["recipe"]["buffer"]["rng"]  # PCG64's 128-bit ints survive
+    assert np.array_equal(again.random(4), expected)
+    with pytest.raises(TypeError, match=r"training\['extra'\]\['recipe'\]\['x'\] is a numpy.ndarray"):
+        save_checkpoint(tmp_path, TrainerState(step=2), model, extra={"recipe": {"x": np.zeros(2)}})
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+
+
 def test_lora_checkpoints_hold_only_the_adapters(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 

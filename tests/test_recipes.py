@@ -173,7 +173,7 @@ def test_a_killed_spear_run_with_a_non_empty_buffer_resumes_exactly(tmp_path, ti
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    saved = torch.load(tmp_path / "broken" / "checkpoints" / "step-000002" / "training.pt", weights_only=False)
+    saved = torch.load(tmp_path / "broken" / "checkpoints" / "step-000002" / "training.pt", weights_only=True)
     assert saved["extra"]["recipe"]["buffer"]["entries"] or saved["extra"]["recipe"]["buffer"]["replays"]
 
     process = _run_cli({**broken, "resume": True}, tmp_path / "resume.yaml")

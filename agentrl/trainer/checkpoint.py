@@ -5,7 +5,10 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-000042/`` holding
 - ``model/``: the weights with ``save_pretrained`` (only the adapters for a LoRA run), loadable by
   transformers or peft on their own;
 - ``training.pt``: optimizer, scheduler and value-head states, the RNG states (python, numpy,
-  torch) and the opaque ``state_dict()`` of the partial-rollout manager;
+  torch) and the opaque ``state_dict()`` of the partial-rollout manager and of further trainer
+  parts (``extra``); it holds only tensors and plain data (numbers, strings, bytes, lists, tuples,
+  sets, dicts) and is loaded with ``torch.load(weights_only=True)``, so a checkpoint file that holds
+  any other object (a pickle that would run code when loaded) is refused;
 - ``state.json``: step, data position, policy version and every metric logged so far.
 
 It is written into a hidden temporary directory, every file fsynced, then renamed into place, and
@@ -16,8 +19,10 @@ temporary directory is ignored and removed by the next save.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -29,6 +34,10 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds an object other than tensors and plain data; it is not loaded."""
 
 
 @dataclass
@@ -107,8 +116,36 @@ def save_final_model(model, tokenizer, output_dir: str | Path, name: str = "mode
     return target
 
 
+_PLAIN = (str, bytes, bool, int, float, complex, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """``value`` with only what ``torch.load(weights_only=True)`` accepts: tensors, numbers,
+    strings, bytes, ``None`` and lists, tuples, sets and dicts of them. A numpy scalar becomes its
+    Python number; anything else (an object, a numpy array) raises ``TypeError`` naming where it
+    is, when the checkpoint is written rather than when it is loaded."""
+    if isinstance(value, np.generic):  # before the numbers: np.float64 is a float, yet pickles as numpy's
+        return value.item()
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # not subclasses (an enum pickles as a global)
+        return value
+    if type(value) in (dict, collections.OrderedDict):
+        return type(value)((plain(key, where), plain(item, f"{where}[{key!r}]")) for key, item in value.items())
+    if type(value) in (list, tuple, set):
+        return type(value)(plain(item, f"{where}[{index}]") for index, item in enumerate(value))
+    return _refuse(value, where)
+
+
+def _refuse(value: Any, where: str) -> Any:
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}; a checkpoint holds only "
+                    "tensors and plain data (numbers, strings, lists, tuples, sets, dicts), which load without "
+                    "unpickling objects: convert it in the state_dict()")
+
+
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    """The RNG states as plain data: numpy's MT19937 key as a list of ints, not an array."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -116,7 +153,9 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(numpy_state)
     torch.random.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -145,17 +184,15 @@ def save_checkpoint(
     name = step_name(state.step)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     model.save_pretrained(staging / "model", safe_serialization=True)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "value_head": value_head.state_dict() if value_head is not None else None,
-            "rng": rng_states(),
-            "partial_rollouts": partial_rollouts,
-            "extra": extra,  # further trainer state (the ArCHer critic: heads, target, optimizer, buffer)
-        },
-        staging / "training.pt",
-    )
+    training = {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "value_head": value_head.state_dict() if value_head is not None else None,
+        "rng": rng_states(),
+        "partial_rollouts": partial_rollouts,
+        "extra": extra,  # further trainer state (the ArCHer critic, a recipe's replay buffer)
+    }
+    torch.save(plain(training, "training"), staging / "training.pt")
     (staging / "state.json").write_text(json.dumps(state.__dict__, allow_nan=True))
     _fsync_tree(staging)
     target = root / name
@@ -214,6 +251,18 @@ def load_weights(model, directory: str | Path) -> None:
         model.tie_weights()
 
 
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """``training.pt`` loaded with ``weights_only=True``: tensors and plain data only, never an
+    arbitrary object (whose unpickling could run code). Anything else raises :class:`UnsafeCheckpoint`."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = next((line.split("error:", 1)[1].split(". ")[0].strip() for line in str(error).splitlines()
+                       if "WeightsUnpickler error:" in line), "an object torch.load(weights_only=True) refuses")
+        raise UnsafeCheckpoint(f"refusing to load {path}: it holds more than tensors and plain data, and "
+                               f"unpickling it could run code ({reason})") from None
+
+
 def load_checkpoint(
     path: str | Path,
     model,
@@ -225,8 +274,8 @@ def load_checkpoint(
     """Restore everything a checkpoint holds; returns the trainer state and the partial-rollout state.
     ``extra``, if given, is filled with the further state ``save_checkpoint`` was given."""
     path = Path(path)
+    training = load_training_state(path / "training.pt")
     load_weights(model, path / "model")
-    training = torch.load(path / "training.pt", weights_only=False)
     if optimizer is not None and training["optimizer"] is not None:
         optimizer.load_state_dict(training["optimizer"])
     if scheduler is not None and training["scheduler"] is not None:
