@@ -193,7 +193,9 @@ class RolloutWorker:
                             self._add_images(trajectory, pieces, -1)
                         else:
                             trajectory.prompt_ids = await self._off_loop(self.render_prompt, run.task)
-                context = ToolContext(trajectory.id, dict(run.task.metadata), list(run.task.images))
+                with failing_as("tool_error"):
+                    images = await self._tool_images(run)
+                context = ToolContext(trajectory.id, dict(run.task.metadata), images)
                 async with self.executor.session(trajectory.id, context) as session:
                     await self._loop(run, session)
             except TrajectoryFailure as failure:
@@ -222,6 +224,15 @@ class RolloutWorker:
     def render_prompt_with_images(self, task: Task):
         tools = self.executor.schemas if self.env.action_format == "json" else None
         return self.assembler.render_prompt_with_images(task.messages, tools, list(task.images))
+
+    async def _tool_images(self, run: TrajectoryRun) -> list[Any]:
+        """The images a trajectory's tools work on: the task's, and for a vision-language trajectory
+        that continues (a partial rollout carried into another step, maybe through a checkpoint)
+        every image it has shown the model since, so an image index means what it meant before."""
+        if not any(record.turn >= 0 for record in run.trajectory.images):
+            return list(run.task.images)
+        inputs = await self._off_loop(trajectory_image_inputs, run.trajectory, self.processor)
+        return list(inputs.images)
 
     def _over_image_budget(self, trajectory: Trajectory, images: list[Any]) -> bool:
         """Whether adding ``images`` would pass ``rollout.max_images`` or ``rollout.max_image_pixels``."""

@@ -333,3 +333,54 @@ def test_the_image_placeholder_is_never_sampled_and_the_trainer_scores_it_out_al
         assert len(sampled) == 64 and processor.image_token_id not in sampled
     mask = batch.loss_mask.bool()
     assert torch.allclose(logprobs[mask], batch.sampling_logprobs[mask], atol=1e-4)
+
+
+class CancelledAt(ScriptThenModel):
+    """Cancels the request with this index, as a partial-rollout step ends a run at an await."""
+
+    def __init__(self, engine, tokenizer, actions, cancel_at: int):
+        super().__init__(engine, tokenizer, actions)
+        self.cancel_at = cancel_at
+
+    async def generate(self, prompt_ids, params, images=None):
+        if len(self.requests) == self.cancel_at:
+            raise asyncio.CancelledError
+        return await super().generate(prompt_ids, params, images)
+
+
+def test_a_carried_trajectory_keeps_its_images_through_a_checkpoint(vision):
+    from agentrl.partial import Group
+
+    model, tokenizer, processor = vision
+
+    def worker(engine):
+        config = RolloutConfig(group_size=1, max_turns=3, max_new_tokens=64, max_response_tokens=600)
+        return RolloutWorker(engine, tokenizer, PictureEnv(), ToolExecutor(["image"]), config)
+
+    first = worker(CancelledAt(HFEngine(model, tokenizer), tokenizer, [ZOOM], cancel_at=1))
+    task = PictureEnv().make_task({"id": "p0"}, 0)
+    run = first.new_run(task, 0, seed=3)
+    with pytest.raises(asyncio.CancelledError):  # the step ends after the zoom was shown, before turn 2
+        asyncio.run(first.advance(run))
+    assert (run.turn, len(run.trajectory.images)) == (1, 2)
+    first.partial.carried = [Group(task, [run])]
+    state = json.loads(json.dumps(first.state_dict()))  # the checkpoint: no tensors, no PIL images
+
+    engine = ScriptThenModel(HFEngine(model, tokenizer), tokenizer, [CROP])
+    second = worker(engine)
+    second.load_state_dict(state)
+    resumed = second.partial.carried[0].runs[0]
+    asyncio.run(second.advance(resumed))
+    trajectory = resumed.trajectory
+    assert trajectory.num_turns == 3 and trajectory.trainable, trajectory.metadata.get("error")
+    # the crop of turn 2 worked on the zoom of turn 1 (image -1), restored from the checkpoint
+    zoomed = picture().crop((0, 0, 48, 32)).resize((96, 64), Image.Resampling.LANCZOS)
+    ids, images = engine.requests[-1]
+    assert len(images) == 3 and list(images.images[2].getdata()) == list(zoomed.crop((16, 12, 64, 48)).getdata())
+    assert [r.inputs_sha256 for r in trajectory.images[:2]] == [r["inputs_sha256"] for r in
+                                                              state["groups"][0]["runs"][0]["trajectory"]["images"]]
+    batch = collate([trajectory], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs = forward_response(model, batch).logprobs[0]
+    span = next(s for s in trajectory.turns if s.role == "assistant" and s.turn == 2)
+    assert torch.allclose(logprobs[span.start:span.end], torch.tensor(trajectory.logprobs[span.start:span.end]), atol=1e-4)
