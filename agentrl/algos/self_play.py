@@ -180,6 +180,7 @@ def extract_question(text: str) -> str | None:
 REJECTION_REASONS: tuple[str, ...] = (
     "no_question", "too_short", "too_long", "answer_in_question", "no_documents", "too_few_searches",
     "repeated_search", "answer_in_query", "rag_wrong_answer", "rag_engine_error", "judge_error",
+    "rollout_error",  # the proposer's rollout failed for a reason not the policy's (infra, tool session)
 )
 
 

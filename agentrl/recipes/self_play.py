@@ -131,7 +131,7 @@ class SelfPlayRecipe(Recipe):
             params=self.rag_params, judge=self.judge))
         for trajectory, verdict in zip(proposers, verdicts, strict=True):
             if not trajectory.trainable:  # a failed rollout (infra, tool session) proposes nothing
-                verdict.valid, verdict.reason = False, verdict.reason or "no_question"
+                verdict.valid, verdict.reason = False, "rollout_error"
         self._raise_on_judge_failure(verdicts)
         slots = [Problem(v.question, a, step) if v.valid else None for v, a in zip(verdicts, answers, strict=True)]
         problems = self.pool.fill(slots, step)
