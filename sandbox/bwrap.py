@@ -6,7 +6,10 @@ cgroup namespaces (the only interface is ``lo``), nested user namespaces disable
 ``--die-with-parent``, a fresh session, a cleared environment, a seccomp filter (see ``_DENIED``),
 read-only binds of the interpreter and the Python packages it may import (nothing of the project,
 nothing under ``/root``), a read-only root and ``/dev``, and two size-limited tmpfs as the only
-writable places (``/tmp``, the work area, and ``/dev/shm``).
+writable places (``/tmp``, the work area, and ``/dev/shm``). The worker's own modules are copied
+into the sandbox's root (``--file``), not bound, so ``/proc/self/mountinfo`` does not show where
+the project lives; each bound directory's host path does show there (the kernel lists a bind
+mount's source, and bubblewrap cannot hide it: see SECURITY.md).
 
 Inside, :mod:`agentrl.sandbox.worker` runs as the namespace's pid 1, a non-dumpable supervisor
 that jobs can neither signal, trace nor read. A zygote it forked before any job forks each job, so
@@ -49,20 +52,22 @@ SYSTEM_BINDS = ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/alte
 # userfaultfd, perf_event_open, modify_ldt, uselib, kexec: the usual kernel privilege-escalation
 # surface, none of which a program under test needs. The mount and namespace family (mount,
 # umount2, pivot_root, unshare, setns, the new mount API, the file-handle calls): the sandbox's
-# namespaces are made once, by bwrap, before the filter is loaded.
+# namespaces are made once, by bwrap, before the filter is loaded; statmount and listmount (the
+# syscall form of /proc/self/mountinfo) with them.
 _DENIED = {
     "x86_64": {"ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "add_key": 248, "request_key": 249,
                "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321,
                "userfaultfd": 323, "perf_event_open": 298, "modify_ldt": 154, "uselib": 134, "kexec_load": 246,
                "kexec_file_load": 320, "mount": 165, "umount2": 166, "pivot_root": 155, "unshare": 272, "setns": 308,
                "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-               "mount_setattr": 442, "name_to_handle_at": 303, "open_by_handle_at": 304},
+               "mount_setattr": 442, "name_to_handle_at": 303, "open_by_handle_at": 304, "statmount": 457,
+               "listmount": 458},
     "aarch64": {"ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "add_key": 217, "request_key": 218,
                 "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280,
                 "userfaultfd": 282, "perf_event_open": 241, "kexec_load": 104, "kexec_file_load": 294, "mount": 40,
                 "umount2": 39, "pivot_root": 41, "unshare": 97, "setns": 268, "open_tree": 428, "move_mount": 429,
                 "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
-                "name_to_handle_at": 264, "open_by_handle_at": 265},
+                "name_to_handle_at": 264, "open_by_handle_at": 265, "statmount": 457, "listmount": 458},
 }
 # (audit architecture, clone, clone3). clone's flags (its first argument on both) are checked for
 # namespace flags; clone3 passes them in memory, out of a filter's reach, so it answers ENOSYS and
@@ -185,8 +190,7 @@ class BwrapBackend(PooledBackend):
         self._seccomp = seccomp_program()
         self.packages = tuple(packages)
         self.preload = tuple(p for p in preload if p in self.packages)
-        unreachable = [str(host) for host, _ in [*package_binds(self.packages), (WORKER, ""), *((m, "") for m in WORKER_MODULES)]
-                       if not _world_readable(host)]
+        unreachable = [str(host) for host, _ in package_binds(self.packages) if not _world_readable(host)]
         if unreachable:  # bwrap runs as an unprivileged uid and would fail on each of these
             raise SandboxUnavailable(
                 f"the sandbox's unprivileged uid cannot reach {', '.join(unreachable)}: every parent directory must be "
@@ -200,12 +204,14 @@ class BwrapBackend(PooledBackend):
         read_end, write_end = os.pipe()
         os.write(write_end, self._seccomp)
         os.close(write_end)
+        modules = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in (WORKER, *WORKER_MODULES)]  # bwrap copies them
         cgroup = SandboxCgroup(self.cgroup_parent) if self.cgroup_parent is not None else None
         lease = None
         try:
             lease = self.lease_uid()
-            worker = Worker(self.command(mode, memory_mb, seccomp_fd=read_end), lease and lease.uid, self.environment(),
-                            pass_fds=(read_end,), cgroup=cgroup, lease=lease)
+            command = self.command(mode, memory_mb, seccomp_fd=read_end, module_fds=modules)
+            worker = Worker(command, lease and lease.uid, self.environment(), pass_fds=(read_end, *modules),
+                            cgroup=cgroup, lease=lease)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -213,11 +219,15 @@ class BwrapBackend(PooledBackend):
                 lease.release()
             raise
         finally:
-            os.close(read_end)
+            for descriptor in (read_end, *modules):
+                os.close(descriptor)
         worker.slot = slot
         return worker
 
-    def command(self, mode: str, memory_mb: int = 512, seccomp_fd: int | None = None) -> list[str]:
+    def command(self, mode: str, memory_mb: int = 512, seccomp_fd: int | None = None,
+                module_fds: list[int] | None = None) -> list[str]:
+        """The bwrap command line. ``module_fds``: open descriptors of the worker and its modules
+        (in ``WORKER, *WORKER_MODULES`` order), copied into the sandbox; without them they are bound."""
         interpreter_root = self.interpreter.parents[1]  # e.g. /usr for /usr/bin/python3.11
         command = [
             self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
@@ -236,9 +246,11 @@ class BwrapBackend(PooledBackend):
             command += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
         for host, inside in package_binds(self.packages):
             command += ["--ro-bind", str(host), inside]
-        command += ["--ro-bind", str(WORKER), "/opt/agentrl/worker.py"]
-        for module in WORKER_MODULES:
-            command += ["--ro-bind", str(module), f"/opt/agentrl/{module.name}"]
+        for index, module in enumerate((WORKER, *WORKER_MODULES)):
+            if module_fds is not None:  # a copy in the root tmpfs: no mount, so no host path in mountinfo
+                command += ["--perms", "0444", "--file", str(module_fds[index]), f"/opt/agentrl/{module.name}"]
+            else:
+                command += ["--ro-bind", str(module), f"/opt/agentrl/{module.name}"]
         command += ["--remount-ro", "/"]
         environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": SANDBOX_SITE,
                        "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",

@@ -374,8 +374,9 @@ def test_an_install_the_sandbox_uid_cannot_reach_is_refused_with_the_reason(tmp_
     import agentrl.sandbox.bwrap as bwrap
 
     private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    (private / "worker.py").write_text(bwrap.WORKER.read_text())
-    monkeypatch.setattr(bwrap, "WORKER", private / "worker.py")
-    with pytest.raises(SandboxUnavailable, match="cannot reach .*private/worker.py.*chmod o\\+x"):
-        bwrap.BwrapBackend(pool_size=1)
+    (private / "privatepkg").mkdir(parents=True)
+    (private / "privatepkg" / "__init__.py").write_text("")
+    private.chmod(0o700)
+    monkeypatch.syspath_prepend(str(private))
+    with pytest.raises(SandboxUnavailable, match="cannot reach .*private/privatepkg.*chmod o\\+x"):
+        bwrap.BwrapBackend(pool_size=1, packages=("numpy", "privatepkg"))

@@ -8,11 +8,13 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -254,7 +256,37 @@ DENIED = {  # name: (x86_64 number, arguments): each reaches the kernel on an un
     "modify_ldt": (154, (0, "buf", 16)), "clone_newns": (56, (0x20000 | 17, 0, 0, 0, 0)),
     "clone_newnet": (56, (0x40000000 | 17, 0, 0, 0, 0)), "clone_newuser": (56, (0x10000000 | 17, 0, 0, 0, 0)),
     "open_by_handle_at": (304, (-1, "buf", 0)), "name_to_handle_at": (303, (-100, b"/tmp", "buf", "buf", 0)),
+    "statmount": (457, ("buf", "buf", 4096, 0)), "listmount": (458, ("buf", "buf", 16, 0)),
 }
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_the_container_seccomp_profile_allows_every_syscall_bubblewrap_makes(single, tmp_path):
+    """compose.yaml's profile for the services that run bubblewrap (sandbox/seccomp-docker.json)
+    must not deny what bwrap itself calls to build this backend's sandbox."""
+    profile = json.loads((Path(__file__).parents[1] / "sandbox" / "seccomp-docker.json").read_text())
+    denied = {name for rule in profile["syscalls"] for name in rule["names"]}
+    command = single.command("pool", 256)
+    command = command[:command.index("--chdir")] + ["/bin/true"]
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(trace), *command], check=True, timeout=60)
+    made = {match.group(1) for match in re.finditer(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE)}
+    assert {"clone", "mount", "pivot_root", "umount2", "unshare"} <= made
+    assert not made & denied, made & denied
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW" and {"bpf", "io_uring_setup", "keyctl", "setns"} <= denied
+
+
+def test_mountinfo_does_not_show_where_the_project_lives(single):
+    """The worker's modules are copied in, not bound: no mount names their host directory. (A bound
+    package directory does show its host path: the kernel lists a bind's source.)"""
+    import agentrl.sandbox.bwrap as bwrap
+
+    result = single.run("print(open('/proc/self/mountinfo').read() + open('/proc/self/mounts').read())\n"
+                        "import os\nprint(sorted(os.listdir('/opt/agentrl')))")
+    assert result.ok, result
+    project = str(bwrap.WORKER.resolve().parent)
+    assert project not in result.stdout and "/opt/agentrl" not in result.stdout.split("\n[")[0]
+    assert "['worker.py', 'worker_cleanup.py', 'worker_session.py']" in result.stdout
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="syscall numbers are x86_64's")
