@@ -60,6 +60,7 @@ def test_three_failures_among_32_trajectories_leave_the_other_29_complete(tokeni
 
 
 def test_a_trainer_step_runs_on_a_batch_with_failures(tmp_path, tiny_model_dir, monkeypatch):
+    from agentrl.recipes import base as recipe_parts
     from agentrl.trainer import local
 
     config = build_config({
@@ -75,7 +76,7 @@ def test_a_trainer_step_runs_on_a_batch_with_failures(tmp_path, tiny_model_dir, 
         engine = FaultyEngine(run.tokenizer)
         run.engine = engine
         run.worker = RolloutWorker(engine, run.tokenizer, run.env, run.executor, config.rollout, config.tools)
-        monkeypatch.setattr(local, "next_tasks", lambda _run: tasks(run.env))
+        monkeypatch.setattr(recipe_parts, "next_tasks", lambda _run: tasks(run.env))
         before = {k: v.detach().clone() for k, v in run.model.named_parameters()}
         metrics, trajectories = local.train_step(run)
     finally:
