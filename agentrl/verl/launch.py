@@ -30,7 +30,7 @@ ESTIMATORS = {  # agentrl's algo.advantage -> verl's algorithm.adv_estimator
 KL_TYPES = {"k1": "k1", "k2": "mse", "mse": "mse", "low_var_kl": "low_var_kl"}  # verl's "k3" is clamped
 LOGGERS = {"jsonl": "console", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # Keys of the local trainer's own process that verl does not read (defaults aside, they do nothing there).
-LOCAL_ONLY = ("rollout.max_batch_size", "rollout.max_concurrent_trajectories", "trainer.torch_threads",
+LOCAL_ONLY = ("rollout.engine", "rollout.max_batch_size", "rollout.max_concurrent_trajectories", "trainer.torch_threads",
               "trainer.precision", "trainer.keep_checkpoints", "tracking.sample_trajectories", "tracking.progress",
               "tracking.plot", "rollout.group_retries")
 
@@ -63,7 +63,6 @@ def check_supported(config: RunConfig) -> None:
     unsupported = {
         "recipe": "recipes compose the local trainer's step; on verl use algo.* (SPEAR's replay needs a registered "
                   "trainer, docs/scale-out.md)",
-        "rollout.engine": "verl serves the model itself (actor_rollout_ref.rollout.name, set by verl.rollout_name)",
         "rollout.engine_url": "verl serves the model itself", "rollout.engine_model": "verl serves the model itself",
         "rollout.partial.enabled": "the local trainer's partial rollouts are not verl's; pass verl's own async "
                                    "settings (trainer.v1.*) in verl.overrides",
@@ -79,6 +78,8 @@ def check_supported(config: RunConfig) -> None:
     for key, reason in unsupported.items():
         if _differs(config, key):
             raise _refuse(key, reason)
+    if config.rollout.engine == "openai":
+        raise _refuse("rollout.engine", "verl samples from its own servers (verl.rollout_name), not an external one")
     if algo.kl_coef > 0:
         kind_key = "algo.kl_reward_type" if _kl_in_reward(config) else "algo.kl_loss_type"
         if _value(config, kind_key) not in KL_TYPES:
