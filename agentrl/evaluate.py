@@ -2,7 +2,8 @@
 
 :func:`evaluate` is what a trainer calls between steps (with its own worker, on its own event
 loop); :func:`run_eval` is ``agentrl eval CONFIG``: it builds the engine (the HF engine in-process,
-or any OpenAI-compatible server with ``rollout.engine=openai rollout.engine_url=...``), the env and
+``rollout.engine=vllm`` (a local vLLM server of the model), or any OpenAI-compatible server with
+``rollout.engine=openai rollout.engine_url=...``), the env and
 its tools from a run config, and writes the trajectories as JSONL for ``agentrl view``.
 """
 
@@ -68,13 +69,10 @@ def build_engine(config: RunConfig) -> tuple[Any, Any]:
         from agentrl.engines.openai import OpenAIEngine
 
         return OpenAIEngine(rollout.engine_url, rollout.engine_model), load_tokenizer(config.model.name)
-    if rollout.engine == "vllm":
-        raise ValueError("to evaluate with vLLM, serve the model with `vllm serve` and set rollout.engine=openai "
-                         "rollout.engine_url=http://127.0.0.1:8000")
-    from agentrl.engines.hf import HFEngine
+    from agentrl.engines import build_engine as build_rollout_engine
 
-    model, tokenizer = load_model(config.model.name, config.model.dtype)
-    return HFEngine(model.eval(), tokenizer, max_batch_size=rollout.max_batch_size), tokenizer
+    model, tokenizer = load_model(config.model.name, config.model.dtype)  # hf, or vllm serving this model
+    return build_rollout_engine(config, model.eval(), tokenizer), tokenizer
 
 
 async def run_eval(config: RunConfig, samples: int = 1, engine: Any = None, tokenizer: Any = None) -> EvalResult:

