@@ -25,3 +25,8 @@ def test_two_step_visual_run_completes_on_the_cpu(tmp_path):
     assert (image["turn"], image["width"], image["height"]) == (-1, 1024, 1024) and image["data"] and image["inputs_sha256"]
     assert sample["prompt_text"].count("<image>") > 0 and "<global-img>" in sample["prompt_text"]
     assert (out / "model" / "model.safetensors").is_file()
+    from agentrl.models import load_model
+    from agentrl.multimodal import processor_for
+
+    _, tokenizer = load_model(str(out / "model"))  # the final model reloads as a vision-language model
+    assert processor_for(tokenizer) is not None

@@ -106,6 +106,10 @@ def save_final_model(model, tokenizer, output_dir: str | Path, name: str = "mode
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-new-", dir=root))
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    from agentrl.multimodal import processor_for
+
+    if (processor := processor_for(tokenizer)) is not None:  # a vision-language model reloads with its processor
+        processor.save_pretrained(staging)
     _fsync_tree(staging)
     aside = root / f".{name}-old-{os.getpid()}"
     if target.exists():
