@@ -15,8 +15,10 @@ MODEL=${1:?usage: scripts/gpu_smoke.sh MODEL_DIR [OUT_DIR]}
 OUT=${2:-runs/gpu_smoke}
 PY=${PYTHON:-python}
 GPUS=$(nvidia-smi -L | wc -l)
+# 8 prompts x 4 samples, one minibatch, micro-batches of 1: splits evenly over 1, 2, 4 or 8 GPUs
 COMMON=(configs/quickstart.yaml "model.name=$MODEL" sft.enabled=false trainer.steps=2 trainer.eval_every=0
-        trainer.eval_before=false trainer.save_every=0 trainer.torch_threads=null)
+        trainer.eval_before=false trainer.save_every=0 trainer.torch_threads=null trainer.prompts_per_step=8
+        trainer.minibatch_size=32 trainer.micro_batch_size=1)
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
 "$PY" -c "import verl, agentrl.verl.plugin as p; print('verl', verl.__version__, p.registered())"

@@ -16,7 +16,8 @@ import verl  # noqa: E402
 from agentrl.envs import get_env_class  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
-from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
+from verl.trainer.ppo.utils import need_critic, need_reference_policy  # noqa: E402
+from verl.utils.config import omega_conf_to_dataclass, validate_config  # noqa: E402
 from verl.utils.dataset.rl_dataset import RLHFDataset  # noqa: E402
 from verl.workers.config import ActorConfig, RolloutConfig  # noqa: E402
 
@@ -59,8 +60,8 @@ VARIANTS = {
     "grpo": [],
     "turn_grpo with clip-cov, a KL loss and LoRA": [
         "algo.advantage=turn_grpo", "algo.turn_gamma=0.9", "algo.clip_cov_ratio=0.0002", "algo.kl_coef=0.01",
-        "algo.kl_loss_type=k2", "model.lora.enabled=true", "algo.loss_agg=dr-grpo", "verl.nnodes=4",
-        "verl.n_gpus_per_node=8", "verl.rollout_name=sglang", "verl.overrides=[trainer.v1.trainer_mode=separate_async]"],
+        "algo.kl_loss_type=k2", "model.lora.enabled=true", "algo.loss_agg=dr-grpo", "verl.nnodes=2",
+        "verl.n_gpus_per_node=4", "trainer.micro_batch_size=1", "verl.rollout_name=sglang", "verl.overrides=[trainer.v1.trainer_mode=separate_async]"],
     "reinforce++ with the KL in the reward": ["algo.advantage=reinforce_pp", "algo.kl_coef=0.001", "algo.gamma=0.99"],
     "gae": ["algo.advantage=gae", "algo.dual_clip=3.0", "algo.kl_cov_ratio=0.002"],
 }
@@ -84,6 +85,7 @@ def test_the_dry_run_composes_against_verls_own_config(tmp_path, variant):
     assert isinstance(omega_conf_to_dataclass(config.algorithm), AlgoConfig)
     assert isinstance(omega_conf_to_dataclass(config.actor_rollout_ref.rollout), RolloutConfig)
     assert isinstance(omega_conf_to_dataclass(config.actor_rollout_ref.actor), ActorConfig)
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     assert config.actor_rollout_ref.rollout.agent.default_agent_loop == "agentrl"
     assert config.actor_rollout_ref.rollout.n == 4 and config.data.train_batch_size == 6
     assert config.data.max_response_length == 192 and config.actor_rollout_ref.actor.ppo_mini_batch_size == 6
@@ -96,7 +98,7 @@ def test_the_dry_run_composes_against_verls_own_config(tmp_path, variant):
         assert config.actor_rollout_ref.model.lora_rank == 16
         assert config.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-sum-norm"
         assert config.actor_rollout_ref.actor.loss_scale_factor == 192
-        assert (config.trainer.nnodes, config.trainer.n_gpus_per_node) == (4, 8)
+        assert (config.trainer.nnodes, config.trainer.n_gpus_per_node) == (2, 4)
         assert config.actor_rollout_ref.rollout.name == "sglang" and config.trainer.v1.trainer_mode == "separate_async"
     if variant.startswith("reinforce"):
         assert config.algorithm.use_kl_in_reward and config.algorithm.kl_penalty == "k1"

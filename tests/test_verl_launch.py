@@ -29,6 +29,8 @@ def overrides(tmp_path, *dotted: str) -> list[str]:
     ("rollout.partial.enabled=true", "rollout.partial.enabled"), ("rollout.engine=openai", "rollout.engine"),
     ("sft.enabled=true", "sft.enabled"), ("algo.dynamic_sampling=true", "algo.dynamic_sampling"),
     ("recipe=spear", "recipe"), ("trainer.minibatch_size=6", "trainer.minibatch_size"),
+    ("trainer.minibatch_size=64", "trainer.minibatch_size"), ("verl.n_gpus_per_node=3", "trainer.prompts_per_step"),
+    ("trainer.micro_batch_size=3", "trainer.micro_batch_size"),
 ])
 def test_a_setting_verl_cannot_honour_is_an_error_naming_its_key(tmp_path, setting, key):
     with pytest.raises(ConfigError, match=f"^{key}: "):
@@ -57,10 +59,11 @@ def test_a_misspelt_verl_key_names_the_closest_one():
 def test_the_overrides_carry_the_run_configs_settings(tmp_path):
     settings = dict(o.split("=", 1) for o in overrides(tmp_path, "rollout.group_size=4", "rollout.max_response_tokens=512",
                                                        "algo.advantage=turn_grpo", "algo.turn_gamma=0.8",
-                                                       "verl.nnodes=2", "verl.n_gpus_per_node=8"))
+                                                       "verl.nnodes=2", "verl.n_gpus_per_node=8",
+                                                       "trainer.minibatch_size=16", "trainer.micro_batch_size=1"))
     assert settings["actor_rollout_ref.model.path"] == "my-org/my-model"
     assert settings["actor_rollout_ref.rollout.n"] == "4" and settings["data.max_response_length"] == "512"
-    assert settings["actor_rollout_ref.actor.ppo_mini_batch_size"] == "2"  # 8 trajectories = 2 prompts of 4
+    assert settings["actor_rollout_ref.actor.ppo_mini_batch_size"] == "4"  # 16 trajectories = 4 prompts of 4
     assert settings["algorithm.adv_estimator"] == "agentrl_turn_grpo" and settings["algorithm.gamma"] == "0.8"
     assert (settings["trainer.nnodes"], settings["trainer.n_gpus_per_node"]) == ("2", "8")
     assert settings["actor_rollout_ref.rollout.agent.default_agent_loop"] == "agentrl"

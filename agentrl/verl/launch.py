@@ -30,7 +30,7 @@ ESTIMATORS = {  # agentrl's algo.advantage -> verl's algorithm.adv_estimator
 KL_TYPES = {"k1": "k1", "k2": "mse", "mse": "mse", "low_var_kl": "low_var_kl"}  # verl's "k3" is clamped
 LOGGERS = {"jsonl": "console", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # Keys of the local trainer's own process that verl does not read (defaults aside, they do nothing there).
-LOCAL_ONLY = ("rollout.engine", "rollout.max_batch_size", "rollout.max_concurrent_trajectories", "trainer.torch_threads",
+LOCAL_ONLY = ("rollout.engine", "rollout.max_batch_size", "trainer.torch_threads",
               "trainer.precision", "trainer.keep_checkpoints", "tracking.sample_trajectories", "tracking.progress",
               "tracking.plot", "rollout.group_retries")
 
@@ -85,9 +85,26 @@ def check_supported(config: RunConfig) -> None:
         if _value(config, kind_key) not in KL_TYPES:
             raise _refuse(kind_key, f"{_value(config, kind_key)!r} has no verl counterpart (verl's k3 is clamped: "
                           "use low_var_kl); use one of " + ", ".join(KL_TYPES))
-    if config.trainer.minibatch_size % config.rollout.group_size:
-        raise _refuse("trainer.minibatch_size", f"{config.trainer.minibatch_size} is not a multiple of "
-                      f"rollout.group_size={config.rollout.group_size}; verl's minibatch counts prompts")
+    check_batch_sizes(config)
+
+
+def check_batch_sizes(config: RunConfig) -> None:
+    """verl's rules for batch sizes (``validate_config`` and its FSDP workers): the batch and each
+    minibatch split evenly over the GPUs, a minibatch counts whole prompts and a GPU's share of one
+    splits into micro-batches."""
+    trainer, group, gpus = config.trainer, config.rollout.group_size, config.verl.nnodes * config.verl.n_gpus_per_node
+    if trainer.minibatch_size % group:
+        raise _refuse("trainer.minibatch_size", f"{trainer.minibatch_size} is not a multiple of "
+                      f"rollout.group_size={group}; verl's minibatch counts prompts")
+    if trainer.minibatch_size > trainer.prompts_per_step * group:
+        raise _refuse("trainer.minibatch_size", f"{trainer.minibatch_size} trajectories is more than a step's "
+                      f"{trainer.prompts_per_step * group}")
+    if (trainer.prompts_per_step * group) % gpus:
+        raise _refuse("trainer.prompts_per_step", f"a step's {trainer.prompts_per_step} x {group} trajectories do not "
+                      f"split evenly over {gpus} GPUs (verl.nnodes x verl.n_gpus_per_node)")
+    if trainer.minibatch_size % gpus or (trainer.minibatch_size // gpus) % trainer.micro_batch_size:
+        raise _refuse("trainer.micro_batch_size", f"a minibatch of {trainer.minibatch_size} trajectories over {gpus} "
+                      f"GPUs does not split into micro-batches of {trainer.micro_batch_size} per GPU")
 
 
 def _kl_in_reward(config: RunConfig) -> bool:
@@ -147,7 +164,8 @@ def _estimator(config: RunConfig) -> dict[str, Any]:
                          "algorithm.kl_penalty": KL_TYPES[algo.kl_reward_type]})
     if algo.advantage == "gae":  # verl's critic is its own model, started from the policy's weights
         settings.update({"critic.optim.lr": algo.value_lr, "critic.cliprange_value": algo.value_clip,
-                         "critic.model.path": model_path(config.model.name)})
+                         "critic.model.path": model_path(config.model.name),
+                         "critic.ppo_micro_batch_size_per_gpu": config.trainer.micro_batch_size})
     return settings
 
 
@@ -174,6 +192,8 @@ def verl_overrides(config: RunConfig, data_dir: str | Path) -> list[str]:
         f"{actor}.grad_clip": trainer.max_grad_norm, f"{actor}.ppo_epochs": trainer.epochs,
         f"{actor}.ppo_mini_batch_size": trainer.minibatch_size // rollout.group_size,
         f"{actor}.ppo_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": trainer.micro_batch_size,
         **_loss(config), **_estimator(config),
         "trainer.total_training_steps": trainer.steps, "trainer.save_freq": trainer.save_every or -1,
         "trainer.test_freq": trainer.eval_every or -1, "trainer.val_before_train": trainer.eval_before,
