@@ -146,7 +146,7 @@ async def test_the_worker_runs_real_search_calls_with_observation_tokens_masked(
     # one request id for every turn of the trajectory (sticky routing), verl's sampling params kept
     assert len(server.requests) == 2 and server.requests[0][0] == server.requests[1][0]
     assert server.requests[0][1]["temperature"] == 0 and server.requests[0][1]["logprobs"] is True
-    assert "</search>" in server.requests[0][1]["stop"]
+    assert "</search>" in server.requests[0][1]["stop"] and server.requests[0][1]["include_stop_str_in_output"]
     # the env's reward on the last response token, logprobs of the sampled tokens only
     assert output.batch["rm_scores"][0, length - 1] == pytest.approx(0.0) and output.batch["rm_scores"][0].sum() == 0
     logprobs = output.batch["rollout_log_probs"][0, :length]
@@ -206,3 +206,23 @@ def test_the_output_fits_verls_lengths(tmp_path):
     assert output.extra_fields["agentrl_status"] == "template_error" and len(output.prompt_ids) == 512
     assert output.response_mask == [0, 0] and output.reward_score == 0.0
 
+
+
+async def test_sglang_servers_are_asked_to_keep_the_stop_string_their_way(tokenizer):
+    sent = []
+
+    class Recorder:
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            sent.append(sampling_params)
+            return TokenOutput(token_ids=tokenizer.encode("<search> x </search>", add_special_tokens=False),
+                               log_probs=None, stop_reason="completed")
+
+    engine = agent_loop.ServerEngine(Recorder(), tokenizer, server="sglang")
+    token = agent_loop._request.set(agent_loop.Request("r", {"temperature": 1.0}))
+    try:
+        result = await engine.generate([1, 2], SamplingParams(max_new_tokens=16, stop=["</search>"]))
+    finally:
+        agent_loop._request.reset(token)
+    assert sent[0]["no_stop_trim"] is True and "include_stop_str_in_output" not in sent[0]
+    assert (result.finish_reason, result.stop_text) == ("stop", "</search>")
+    assert result.logprobs == [0.0] * len(result.token_ids)  # the server sent none

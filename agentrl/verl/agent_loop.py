@@ -108,15 +108,19 @@ class ServerEngine:
 
     The trajectory's :class:`Request` (set by the agent loop in a context variable) supplies the
     request id and verl's sampling params (temperature, top-p, top-k; greedy ones for validation);
-    each call adds ``max_tokens``, ``logprobs`` and the turn's stop strings. A server or actor that
+    each call adds ``max_tokens``, ``logprobs`` and the turn's stop strings, kept in the output
+    (``include_stop_str_in_output`` for vLLM, ``no_stop_trim`` for SGLang). A server or actor that
     is gone raises :class:`~agentrl.tool.InfraError`; anything else it raises is the request's
     failure (``engine_error``).
     """
 
-    def __init__(self, server_manager: Any, tokenizer: Any, max_model_len: int | None = None) -> None:
+    def __init__(self, server_manager: Any, tokenizer: Any, max_model_len: int | None = None,
+                 server: str = "vllm") -> None:
         self.server_manager = server_manager
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        # keep the stop string in the output: each server has its own name for it
+        self.keep_stop = {"no_stop_trim": True} if server == "sglang" else {"include_stop_str_in_output": True}
         self.policy_version = 0
         ids = {tokenizer.eos_token_id}
         self.eos_ids = {int(i) for i in ids if i is not None}
@@ -126,7 +130,7 @@ class ServerEngine:
         request = _request.get()
         sampling = {**request.sampling_params, "max_tokens": params.max_new_tokens, "logprobs": True}
         if params.stop:
-            sampling.update(stop=list(params.stop), include_stop_str_in_output=True)
+            sampling.update(stop=list(params.stop), **self.keep_stop)
         started = time.perf_counter()
         try:
             output = await self.server_manager.generate(request.request_id, prompt_ids=list(prompt_ids),
@@ -201,7 +205,7 @@ def worker_state(path: str, server_manager: Any, tokenizer: Any, rollout_config:
         rollout = config.rollout.model_copy(update={
             "max_response_tokens": min(config.rollout.max_response_tokens, response_length)})
         max_model_len = config.rollout.max_model_len or rollout_config.get("max_model_len") or None
-        engine = ServerEngine(server_manager, tokenizer, max_model_len)
+        engine = ServerEngine(server_manager, tokenizer, max_model_len, str(rollout_config.get("name") or "vllm"))
         worker = RolloutWorker(engine, tokenizer, env, executor, rollout, config.tools)
         _states[key] = WorkerState(config, env, executor, engine, worker)
         return _states[key]
