@@ -3,7 +3,8 @@
 Both arms run their config (configs/spear.yaml, configs/drbot.yaml: the same task, budget and
 settings; SPEAR adds the tool-call curriculum and the self-imitation replay) for the same steps and
 seeds, each in its own process, one after the other: SmolLM2-135M-Instruct on one- and two-hop
-fictional search questions after a warm start that demonstrates one-hop lookups only. Recorded:
+fictional search questions (alternating, so held-out success is half two-hop) after a warm start
+that demonstrates one-hop lookups only. Recorded:
 held-out success over the steps (mean and spread over seeds), the policy's entropy curve, and the
 step time of SPEAR relative to Dr.BoT.
 
@@ -34,14 +35,28 @@ sys.path.insert(0, str(ROOT))
 from bench.record import write_section  # noqa: E402
 
 BEGIN, END = "<!-- spear:begin -->", "<!-- spear:end -->"
+DATA = ROOT / "envs" / "data" / "fictional"
 ARMS = ("drbot", "spear")
+
+
+def write_data(directory: Path) -> None:
+    """Train and eval splits with one- and two-hop questions alternating, so the held-out set is half
+    two-hop (the bundled splits are about 80% one-hop, where the warm start already succeeds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        one, two = ([r for r in rows if r.get("hops") == hops] for hops in (1, 2))
+        mixed = [row for pair in zip(one, two) for row in pair]
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
 
 
 def run_one(arm: str, seed: int, args, output_dir: Path) -> dict:
     """One training run of ``configs/<arm>.yaml``; returns its eval curve, entropy curve and step times."""
     config = yaml.safe_load((ROOT / "configs" / f"{arm}.yaml").read_text())
     config["output_dir"] = str(output_dir)
-    config["env"]["eval_size"] = args.eval_size
+    data = output_dir.parent / "data"
+    config["env"].update({"eval_size": args.eval_size, "train_data": str(data / "train.jsonl"),
+                          "eval_data": str(data / "eval.jsonl")})
     config["trainer"].update({"steps": args.steps, "eval_every": args.eval_every, "seed": seed,
                               "torch_threads": args.threads, "save_every": 0})
     if arm == "spear":  # the schedules scale with the run length, as in the config
@@ -138,6 +153,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not edit BENCHMARKS.md")
     args = parser.parse_args()
     output, started, results = ROOT / args.output_dir, time.perf_counter(), []
+    write_data(output / "data")
     for seed in args.seeds:
         for arm in ARMS:  # the arms alternate, so a change of machine load hits both alike
             result = run_one(arm, seed, args, output / f"{arm}-seed{seed}")
@@ -155,7 +171,7 @@ def main() -> None:
         "## SPEAR against Dr.BoT (`bench/spear.py`)",
         "",
         f"SmolLM2-135M-Instruct on the CPU ({platform.machine()}, {args.threads} torch threads): one- and two-hop "
-        f"fictional search questions after a warm start on one-hop demonstrations; {args.steps} RL steps of 8 prompts "
+        f"fictional search questions (alternating, so held-out is half two-hop) after a warm start on one-hop demonstrations; {args.steps} RL steps of 8 prompts "
         f"x 4 samples per arm (configs/spear.yaml, configs/drbot.yaml), {len(args.seeds)} seeds; held-out success "
         f"greedy on {args.eval_size} questions (mean +- std over seeds). Curves: docs/spear_bench.png.",
         "",
