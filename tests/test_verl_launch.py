@@ -94,3 +94,10 @@ def test_an_unsupported_setting_stops_the_cli_before_anything_is_written(tmp_pat
                                       "--dry-run"])
     assert result.exit_code == 2 and "algo.advantage: 'gigpo' is not available on verl" in result.output
     assert not (tmp_path / "verl_data").exists()
+
+
+def test_an_env_whose_tasks_carry_images_is_refused_by_the_export(tmp_path):
+    from agentrl.verl.export import export_verl
+
+    with pytest.raises(ValueError, match="^env.name: visual's tasks carry images"):
+        export_verl(config("env.name=visual", "env.options={train_size: 2, eval_size: 1}"), tmp_path)

@@ -16,7 +16,9 @@ One row per task, with the columns verl's ``RLHFDataset`` reads:
 
 ``train.parquet`` holds the env's train split, ``val.parquet`` the first ``env.eval_size`` rows of
 its eval split. ``agentrl.yaml`` beside them is the resolved run config the agent loop reads (with
-its secrets, so it is written readable by its owner only).
+its secrets, so it is written readable by its owner only). Paths in the env's rows (databases,
+images) must resolve on every node that runs an agent-loop worker. Tasks with images are refused:
+the agent loop's engine sends text only for now.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def verl_rows(env: Any, rows: list[dict[str, Any]], split: str) -> list[dict[str
     records = []
     for index, row in enumerate(rows):
         task = env.make_task(row, index)
+        if task.images:
+            raise ValueError(f"env.name: {env.name}'s tasks carry images, and the verl backend's agent loop sends "
+                             "text only for now; train vision-language agents with the local trainer")
         records.append({
             "data_source": f"agentrl/{env.name}",
             "agent_name": AGENT_NAME,
