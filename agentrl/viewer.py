@@ -200,7 +200,8 @@ window.onerror = function (message, source, line) {
     var rag = s.rag_checked ? "RAG check answered " + (s.rag_answer === null ? "nothing" : s.rag_answer) : "no RAG check";
     box.appendChild(el("div", null, (s.valid ? "valid" : "rejected: " + s.reason) + " \\u00b7 " + rag));
     (s.solver_attempts || []).forEach(function (a, i) {
-      box.appendChild(el("div", null, "solver attempt " + (i + 1) + ": " + (a.answer === null ? "(no answer)" : a.answer) + " \\u00b7 reward " + a.reward));
+      var on = s.slot_source && s.slot_source !== "proposed" ? " (at a " + s.slot_source + " problem)" : "";
+      box.appendChild(el("div", null, "solver attempt " + (i + 1) + on + ": " + (a.answer === null ? "(no answer)" : a.answer) + " \\u00b7 reward " + a.reward));
     });
     return box;
   }

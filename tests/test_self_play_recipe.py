@@ -365,4 +365,5 @@ def test_the_viewer_shows_each_proposal_with_its_question_rag_check_and_solver_a
     assert f"question: {proposal.metadata[ROLE]['question']}" in dom
     assert f"valid · RAG check answered {proposal.metadata[ROLE]['answer']}" in dom
     assert "solver attempt 2: " in dom and "rejected: too_short · no RAG check" in dom
+    assert "solver attempt 1 (at a placeholder problem): none" in dom  # an invalid slot's attempts say what they solved
     assert "solver (proposed problem) · question: " in dom

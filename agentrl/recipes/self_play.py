@@ -148,7 +148,8 @@ class SelfPlayRecipe(Recipe):
             trajectory.metadata[ROLE] = {
                 "role": "proposer", "slot": index, "answer": row[1]["answer"], "hops": row[1]["hops"],
                 "question": verdict.question, "valid": verdict.valid, "reason": verdict.reason,
-                "rag_checked": verdict.rag_ran, "rag_answer": verdict.rag_answer, "solver_attempts": []}
+                "rag_checked": verdict.rag_ran, "rag_answer": verdict.rag_answer, "solver_attempts": [],
+                "slot_source": sources[index]}  # what the solver attempts of this slot were at
         for trajectory in solved.trajectories:
             index = int(trajectory.group_id.rsplit("-", 1)[1])
             problem = problems[index]
