@@ -128,6 +128,9 @@ def _train_verl(resolved, dry_run: bool) -> None:
         lines = [launch.shell_line(command[:3]), *("  " + launch.shell_line([o]) for o in command[3:])]
         console.print(" \\\n".join(lines), markup=False, highlight=False, soft_wrap=True)
         return
+    note = launch.gpu_note(resolved)
+    if note:
+        error_console.print(f"note: {note}", highlight=False, soft_wrap=True)
     raise typer.Exit(subprocess.run(command).returncode)
 
 

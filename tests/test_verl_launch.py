@@ -101,3 +101,16 @@ def test_an_env_whose_tasks_carry_images_is_refused_by_the_export(tmp_path):
 
     with pytest.raises(ValueError, match="^env.name: visual's tasks carry images"):
         export_verl(config("env.name=visual", "env.options={train_size: 2, eval_size: 1}"), tmp_path)
+
+
+def test_train_runs_the_composed_command_and_returns_its_exit_code(tmp_path, tiny_model_dir):
+    recorder = tmp_path / "python"
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv.txt"}\nexit 3\n')
+    recorder.chmod(0o755)
+    result = CliRunner().invoke(app, ["train", "trainer.backend=verl", f"model.name={tiny_model_dir}",
+                                      "trainer.minibatch_size=8", f"output_dir={tmp_path / 'run'}",
+                                      f"verl.python={recorder}"])
+    assert result.exit_code == 3, result.output
+    argv = (tmp_path / "argv.txt").read_text().splitlines()
+    assert argv[:2] == ["-m", "verl.trainer.main_ppo"] and f"actor_rollout_ref.model.path={tiny_model_dir}" in argv
+    assert "no CUDA device is visible here" in result.output  # this machine has none: verl would wait

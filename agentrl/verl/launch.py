@@ -243,5 +243,19 @@ def data_dir(config: RunConfig) -> Path:
     return Path(config.verl.data_dir or Path(config.output_dir) / "verl_data")
 
 
+def gpu_note(config: RunConfig) -> str | None:
+    """A note when this machine shows no CUDA device and no Ray cluster is named: verl then waits,
+    without a word, for GPUs its local cluster will never have."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("RAY_ADDRESS"):
+        return None
+    gpus = config.verl.nnodes * config.verl.n_gpus_per_node
+    return (f"no CUDA device is visible here and RAY_ADDRESS is not set: verl will wait for {gpus} GPU(s) "
+            "(verl.nnodes x verl.n_gpus_per_node) that its local Ray cluster does not have; use --dry-run here")
+
+
 def shell_line(command: list[str]) -> str:
     return " ".join(shlex.quote(part) for part in command)
