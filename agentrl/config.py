@@ -7,6 +7,7 @@ key, the value and the expected type.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import warnings
@@ -395,7 +396,7 @@ def _format_validation_error(error: ValidationError) -> str:
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))  # an override of a nested key must not write into the caller's dict
     for text in overrides:
         path, value = parse_override(text)
         _set_dotted(data, path, value)

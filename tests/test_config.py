@@ -88,3 +88,10 @@ def test_version_and_help():
     assert runner.invoke(app, ["--version"]).output.startswith("agentrl ")
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "config" in result.output
+
+
+def test_overrides_do_not_write_into_the_callers_dict():
+    data = {"trainer": {"lr": 1e-5}, "rollout": {"group_size": 4}}
+    config = build_config(data, ["trainer.lr=2e-5", "rollout.group_size=8"])
+    assert config.trainer.lr == 2e-5 and config.rollout.group_size == 8
+    assert data == {"trainer": {"lr": 1e-5}, "rollout": {"group_size": 4}}
