@@ -287,6 +287,8 @@ def serve_tools_command(
     database_root: Annotated[list[str] | None, typer.Option(
         help="directory the sql tool may open databases under (repeatable; default: the demo databases)")] = None,
     max_sessions: Annotated[int, typer.Option(help="live trajectory sessions at most; more get HTTP 429")] = 4096,
+    max_concurrent_calls: Annotated[int, typer.Option(help="tool calls running at once, across all sessions")] = 64,
+    max_queued_calls: Annotated[int, typer.Option(help="tool calls that may wait for a slot; more get HTTP 429")] = 1024,
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without a token")] = False,
 ) -> None:
     """Serve tool calls over HTTP, sticky per trajectory."""
@@ -297,7 +299,8 @@ def serve_tools_command(
     try:
         serve_tools([t.strip() for t in tools.split(",") if t.strip()], host=host, port=port, token=token or None,
                     idle_ttl_s=idle_ttl, options={"sql": {"database_roots": roots}}, insecure=insecure,
-                    max_sessions=max_sessions)
+                    max_sessions=max_sessions, max_concurrent_calls=max_concurrent_calls,
+                    max_queued_calls=max_queued_calls)
     except InsecureBind as error:
         fail("error", error)
 

@@ -257,3 +257,26 @@ def test_a_trajectory_whose_session_the_server_lost_becomes_infra_error(tokenize
     assert [call.status for call in trajectory.tool_calls] == ["ok", "infra_error"]
     assert trajectory.status == "infra_error" and not trajectory.trainable
     assert "restarted" in trajectory.metadata["error"]
+
+
+def test_the_cli_server_bounds_the_calls_running_at_once():
+    import asyncio
+
+    import httpx
+
+    port = free_port()
+    process = start_cli_server(["serve", "tools", "--tools", "tests.helpers.demo_tools:Sleeper",
+                                "--max-concurrent-calls", "1", "--max-queued-calls", "0"], port,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async def two_at_once():
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                calls = [{"requests": [{"trajectory_id": f"t{i}", "tool": "sleeper", "arguments": {"seconds": 1.0}}]}
+                         for i in range(2)]
+                return await asyncio.gather(*(client.post("/call", json=call) for call in calls))
+
+        codes = sorted(response.status_code for response in asyncio.run(two_at_once()))
+    finally:
+        process.kill()
+        process.wait()
+    assert codes == [200, 429]
