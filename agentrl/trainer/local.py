@@ -92,7 +92,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     """Load the model (LoRA-wrapped if configured), engine, env, tools, rollout workers and optimizer."""
     from transformers.utils import logging as transformers_logging
 
-    from agentrl.engines.hf import HFEngine
+    from agentrl.engines import build_engine
     from agentrl.envs import get_env_class
     from agentrl.executor import ToolExecutor
     from agentrl.models import disable_dropout, load_model, prepare_master_weights
@@ -101,9 +101,6 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
 
     transformers_logging.disable_progress_bar()  # the run has its own progress display
     trainer = config.trainer
-    if config.rollout.engine != "hf":
-        raise ValueError(f"the local trainer samples with the HF engine that shares its module; rollout.engine="
-                         f"{config.rollout.engine} is not supported here: set rollout.engine=hf")
     if trainer.torch_threads:
         torch.set_num_threads(trainer.torch_threads)
     if trainer.deterministic:
@@ -155,7 +152,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     env = get_env_class(config.env.name)(**config.env.options)
     executor = ToolExecutor(config.tools.names or list(env.tools), config.tools.options,
                             config.tools.server_url, config.tools.server_token)
-    engine = HFEngine(model, tokenizer, max_batch_size=config.rollout.max_batch_size)
+    engine = build_engine(config, model, tokenizer)  # hf shares the module; vllm serves a copy it keeps in step
     worker = RolloutWorker(engine, tokenizer, env, executor, config.rollout, config.tools)
     eval_rollout = config.rollout.model_copy(update={"temperature": trainer.eval_temperature})
     eval_worker = RolloutWorker(engine, tokenizer, env, executor, eval_rollout, config.tools)
