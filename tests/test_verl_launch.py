@@ -113,4 +113,5 @@ def test_train_runs_the_composed_command_and_returns_its_exit_code(tmp_path, tin
     assert result.exit_code == 3, result.output
     argv = (tmp_path / "argv.txt").read_text().splitlines()
     assert argv[:2] == ["-m", "verl.trainer.main_ppo"] and f"actor_rollout_ref.model.path={tiny_model_dir}" in argv
+    assert f"hydra.run.dir={tmp_path / 'run' / 'verl'}" in argv  # verl's logs go to the run, not the working directory
     assert "no CUDA device is visible here" in result.output  # this machine has none: verl would wait

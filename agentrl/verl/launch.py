@@ -204,6 +204,7 @@ def verl_overrides(config: RunConfig, data_dir: str | Path) -> list[str]:
         "trainer.logger": sorted({LOGGERS[b] for b in config.tracking.backends}),
         "trainer.n_gpus_per_node": config.verl.n_gpus_per_node, "trainer.nnodes": config.verl.nnodes,
         "+agentrl.config": str(data / "agentrl.yaml"),
+        "hydra.run.dir": str(Path(config.output_dir).resolve() / "verl"),  # verl's own logs, in the run's directory
     }
     if config.model.lora.enabled:
         lora = config.model.lora
