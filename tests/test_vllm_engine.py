@@ -247,8 +247,8 @@ def test_lora_weights_are_sent_merged_without_changing_the_module(tokenizer):
 
 
 def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, tokenizer):
-    """The server's watchdog kills its process group (API server and engine core) once the
-    process that started it is gone, even by SIGKILL."""
+    """The server's watchdog kills its process group (API server and engine core) and removes its
+    work directory once the process that started it is gone, even by SIGKILL."""
     model_dir = tmp_path / "model"
     tiny_model(tokenizer, hidden_size=256).save_pretrained(model_dir)  # head size 64, which vLLM's CPU kernels take
     tokenizer.save_pretrained(model_dir)
@@ -257,14 +257,15 @@ def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, tokenizer):
         from agentrl.engines.vllm import VLLMServer
         server = VLLMServer({str(model_dir)!r}, max_model_len=256, max_num_seqs=2, threads=1, startup_timeout_s=400)
         server.start()
-        print("READY", server.process.pid, flush=True)
+        print("READY", server.process.pid, server.workdir, flush=True)
         time.sleep(600)
     """)
     trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         line = trainer.stdout.readline()
         assert line.startswith("READY"), line
-        group = int(line.split()[1])
+        group, workdir = int(line.split()[1]), Path(line.split()[2])
+        assert (workdir / "server.log").is_file()
         members = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
         assert len(members) >= 3  # the watchdog shell, the API server, the engine core
     finally:
@@ -275,6 +276,7 @@ def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, tokenizer):
         time.sleep(0.5)
     left = subprocess.run(["pgrep", "-a", "-g", str(group)], capture_output=True, text=True).stdout
     assert not re.search(r"\S", left), left
+    assert not workdir.exists()  # nor the files it was given
 
 
 def _agentrl(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

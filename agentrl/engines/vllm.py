@@ -53,11 +53,13 @@ SERVED_MODEL_NAME = "policy"
 VLLM_VENV = ".venv-vllm"
 
 # Runs as the leader of the server's process group: starts the server, then kills the group (the
-# API server and its engine-core process) when either the parent or the server has gone.
-WATCHDOG = """parent=$1; shift
+# API server and its engine-core process) when either the parent or the server has gone. With the
+# parent gone it also removes the server's work directory (the weights it was sent).
+WATCHDOG = """parent=$1; workdir=$2; shift 2
 "$@" &
 server=$!
 while kill -0 "$parent" 2>/dev/null && kill -0 "$server" 2>/dev/null; do sleep 1; done
+kill -0 "$parent" 2>/dev/null || rm -rf "$workdir"
 kill -KILL 0
 """
 
@@ -134,7 +136,8 @@ class VLLMServer:
     def start(self) -> None:
         self.port = free_port()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(os.getpid()), *self.command()],
+            self.process = subprocess.Popen(["sh", "-c", WATCHDOG, "sh", str(os.getpid()), str(self.workdir),
+                                             *self.command()],
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env=self.environment(), start_new_session=True)
         atexit.register(self.stop)
