@@ -58,3 +58,25 @@ def test_engine_logprobs_equal_the_trainers_at_the_sampling_temperature_and_top_
     recorded = torch.tensor(result.logprobs)
     assert torch.allclose(recorded, tempered, atol=1e-4)
     assert not torch.allclose(recorded, plain, atol=1e-2)  # T = 1 without top-p is a different policy
+
+
+def test_the_nucleus_boundary_token_is_scored_inside_the_nucleus():
+    """Membership is decided by rank (the mass ranked above the token is below p), as the engine keeps
+    tokens; comparing probabilities computed two ways would put the boundary token outside by rounding
+    and count its mass twice."""
+    from agentrl.algos.sampling import sampling_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    wrong = 0
+    for _ in range(200):
+        logits = torch.randn(50, generator=generator) * 3
+        top_p = float(torch.rand(1, generator=generator)) * 0.8 + 0.1
+        q = torch.softmax(logits.double(), -1)
+        order = torch.argsort(q, descending=True)
+        cumulative = q[order].cumsum(0) - q[order]
+        kept = order[cumulative < top_p]
+        boundary = kept[-1]  # the nucleus's smallest token
+        expected = torch.log(q[boundary] / q[kept].sum())
+        got = sampling_logprobs(logits, boundary.reshape(()), top_p=top_p)
+        wrong += abs(float(got) - float(expected)) > 1e-5
+    assert wrong == 0

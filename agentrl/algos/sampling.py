@@ -38,7 +38,10 @@ def sampling_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, 
     sorted_q, _ = torch.sort(q, dim=-1, descending=True)
     kept = (sorted_q.cumsum(-1) - sorted_q) < top_p  # the first token always stays, as in the engine
     nucleus_mass = (sorted_q * kept).sum(-1)
-    smallest_kept = torch.where(kept, sorted_q, torch.full_like(sorted_q, float("inf"))).min(-1).values
-    chosen_q = chosen.exp()
-    mass = torch.where(chosen_q >= smallest_kept, nucleus_mass, nucleus_mass + chosen_q)
+    # membership by rank, as the engine keeps tokens: the mass ranked above the token is below p
+    # (comparing q_a with the smallest kept q would misplace the boundary token by rounding)
+    chosen_q = q.gather(-1, tokens.long().unsqueeze(-1))
+    above = torch.where(q > chosen_q, q, torch.zeros_like(q)).sum(-1)
+    chosen_q = chosen_q.squeeze(-1)
+    mass = torch.where(above < top_p, nucleus_mass, nucleus_mass + chosen_q)
     return chosen - torch.log(mass)
