@@ -94,10 +94,12 @@ def main() -> None:
         parser.error("--steps and --chunk must be at least 1")
 
     config = yaml.safe_load((ROOT / CONFIG).read_text())
-    for override in args.overrides:  # the two values the arms' sizes depend on
+    for override in args.overrides:  # the values the arms' sizes and the report depend on
         key, _, value = override.partition("=")
         if key == "self_play.n_solve":
             config["self_play"]["n_solve"] = int(value)
+        if key == "env.eval_size":
+            config["env"]["eval_size"] = int(value)
     root = ROOT / args.output_dir
     log = root / "train.log"
     if root.exists():
@@ -151,8 +153,9 @@ def main() -> None:
         BEGIN, "## Search self-play vs GRPO on question-answer pairs (`bench/self_play.py`)", "",
         f"Held-out success (the {config['env']['eval_size']} first two-hop fictional eval questions, greedy) over RL "
         f"steps from one SFT warm start on both roles' demonstrations. Self-play reads only the answers file; the "
-        f"supervised reference trains GRPO on the training questions of the same hop count, the same number of "
-        f"trajectories per step. Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on the "
+        f"supervised reference trains GRPO on the training questions of the same hop count with the same number of "
+        f"rollouts per step (traj/step: the trajectories trained; self-play's attempts at placeholder problems are "
+        f"not). Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on the "
         "shared 2-core CPU machine, `trainer.torch_threads` as configured.", "",
         "```", *lines, "```", "",
         f"Change from the warm start: self-play {gain['self-play']:+.1f} points, supervised GRPO "
