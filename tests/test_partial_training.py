@@ -17,7 +17,8 @@ from agentrl.config import build_config
 from agentrl.tracking import read_metrics
 from agentrl.trainer.local import train
 from tests.helpers.ping_env import PingEnv, PingTool, write_demonstrations
-from tests.test_trainer import _run_cli, ping_config
+from tests.helpers.resume import run_cli
+from tests.test_trainer import ping_config
 
 SLOW_S = 0.5
 
@@ -107,7 +108,7 @@ def _carried(checkpoint: Path) -> list[dict]:
 def test_a_killed_run_resumes_with_the_same_carried_trajectories(tmp_path, tiny_model_dir, demonstrations):
     steps = 6
     config = partial_config(tiny_model_dir, tmp_path / "run", demonstrations, steps, save_every=1, keep_checkpoints=10)
-    process = _run_cli(config, tmp_path / "run.yaml")
+    process = run_cli(config, tmp_path / "run.yaml")
     root = tmp_path / "run" / "checkpoints"
     deadline, checkpoint, seen = time.monotonic() + 300, None, set()
     while checkpoint is None:  # the first RL checkpoint that carries trajectories: stop the run there
@@ -129,7 +130,7 @@ def test_a_killed_run_resumes_with_the_same_carried_trajectories(tmp_path, tiny_
     killed_at = int(checkpoint.name.split("-")[1])
     carried = {run["trajectory"]["id"]: run["trajectory"] for run in _carried(checkpoint)}
 
-    process = _run_cli({**config, "resume": True}, tmp_path / "resume.yaml")
+    process = run_cli({**config, "resume": True}, tmp_path / "resume.yaml")
     assert process.wait(timeout=300) == 0, process.stderr.read()
 
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -8,17 +8,13 @@ search tool, real tiny model in the update), so that valid questions, solved and
 all occur; the end-to-end runs sample from the tiny model itself."""
 
 import json
-import os
 import re
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from agentrl.envs.search_qa import normalize_answer
-from safetensors.torch import load_file
 
 from agentrl.config import build_config
 from agentrl.engines.base import GenerationResult
@@ -27,7 +23,7 @@ from agentrl.tracking import read_metrics
 from agentrl.trainer.checkpoint import latest_checkpoint
 from agentrl.trainer.local import build_run, close_run, train
 from agentrl.trainer.update import update
-from tests.test_trainer import _comparable, _run_cli
+from tests.helpers.resume import killed_and_resumed
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMOS = [json.loads(line) for line in (ROOT / "envs/data/fictional/self_play_demonstrations.jsonl").read_text().splitlines()]
@@ -322,29 +318,7 @@ def test_a_two_step_ssp_run_trains_end_to_end_with_the_tiny_model(tiny_model_dir
 def test_sigkill_and_resume_of_self_play_gives_the_same_weights_and_metrics(tmp_path, tiny_model_dir):
     straight = ssp_config(tiny_model_dir, tmp_path / "straight",
                           trainer={"steps": 2, "eval_every": 0, "deterministic": True}, rollout={"max_batch_size": 1})
-    broken = {**straight, "output_dir": str(tmp_path / "broken")}
-    process = _run_cli(straight, tmp_path / "straight.yaml")
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-
-    process = _run_cli(broken, tmp_path / "broken.yaml")
-    pointer = tmp_path / "broken" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (pointer.is_file() and pointer.read_text().strip() == "step-000001"):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "broken" / "checkpoints" / "step-000002").exists()
-
-    process = _run_cli({**broken, "resume": True}, tmp_path / "resume.yaml")
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(tmp_path / "broken" / "model" / "model.safetensors")
-    for key, value in expected.items():
-        assert torch.equal(value, resumed[key]), key
-    assert _comparable(read_metrics(tmp_path / "broken" / "metrics.jsonl")) == \
-        _comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    killed_and_resumed(straight, tmp_path, kill_after_step=1, timeout=300)
 
 
 def test_the_viewer_shows_each_proposal_with_its_question_rag_check_and_solver_attempts(tiny_model_dir, tmp_path):

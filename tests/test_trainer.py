@@ -2,22 +2,17 @@
 task, and a run killed with SIGKILL resumes to exactly the weights and metrics of an unbroken run."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from agentrl.config import build_config
 from agentrl.tracking import read_metrics
 from agentrl.trainer.local import train
 from tests.helpers.ping_env import write_demonstrations
+from tests.helpers.resume import killed_and_resumed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,46 +83,10 @@ def test_a_tiny_model_learns_to_call_the_tool(tmp_path, tiny_model_dir, demonstr
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
 
 
-def _run_cli(config: dict, path: Path) -> subprocess.Popen:
-    path.write_text(yaml.safe_dump(config))
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "agentrl.cli", "train", str(path)], cwd=ROOT, env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _comparable(rows):
-    noisy = ("time", "latency", "memory")
-    return [{k: v for k, v in row.items() if not any(word in k for word in noisy)} for row in rows]
-
-
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_weights_and_metrics(tmp_path, tiny_model_dir, demonstrations):
     # max_batch_size=1: each request decodes alone, so no padding or batch shape changes the numbers
     straight = ping_config(tiny_model_dir, tmp_path / "straight", demonstrations,
                            trainer={"steps": 4, "deterministic": True}, rollout={"max_batch_size": 1})
-    broken = {**straight, "output_dir": str(tmp_path / "broken")}
-    process = _run_cli(straight, tmp_path / "straight.yaml")
-    assert process.wait(timeout=240) == 0, process.stderr.read()
-
-    process = _run_cli(broken, tmp_path / "broken.yaml")
-    pointer = tmp_path / "broken" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 240
-    while not (pointer.is_file() and pointer.read_text().strip() == "step-000002"):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "broken" / "checkpoints" / "step-000004").exists()
-
-    process = _run_cli({**broken, "resume": True}, tmp_path / "resume.yaml")
-    assert process.wait(timeout=240) == 0, process.stderr.read()
-
-    expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(tmp_path / "broken" / "model" / "model.safetensors")
-    for key, value in expected.items():
-        assert torch.equal(value, resumed[key]), key
-    straight_rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    resumed_rows = read_metrics(tmp_path / "broken" / "metrics.jsonl")
-    assert [r["step"] for r in resumed_rows] == [0, 1, 2, 3, 4]
-    assert _comparable(resumed_rows) == _comparable(straight_rows)
+    _, broken = killed_and_resumed(straight, tmp_path, kill_after_step=2, timeout=240)
+    assert [r["step"] for r in read_metrics(broken / "metrics.jsonl")] == [0, 1, 2, 3, 4]
