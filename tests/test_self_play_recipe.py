@@ -249,17 +249,26 @@ def test_a_failing_judge_unscores_the_solver_attempts_it_could_not_judge_or_stop
         close_run(run)
 
 
-def test_each_role_samples_at_its_own_temperature(tiny_model_dir, tmp_path):
-    with pytest.warns(UserWarning, match="scores every batch at rollout.temperature"):
-        run = scripted_run(tiny_model_dir, tmp_path, self_play={"proposer_temperature": 0.7, "solver_temperature": 1.3})
+def test_each_role_samples_and_is_scored_at_its_own_temperature(tiny_model_dir, tmp_path):
+    from agentrl.trainer.update import sampling_options
+
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"proposer_temperature": 0.7, "solver_temperature": 1.3})
     try:
-        collect_scored(run)
+        trajectories, _ = collect_scored(run)
+        trainable, _, _ = run.recipe.select(trajectories, 1)
+        parts, _ = run.recipe.loss_batches(trainable, 1)
     finally:
         close_run(run)
     temperatures = {}
     for name, temperature in run.engine.temperatures:
         temperatures.setdefault(name, set()).add(temperature)
     assert temperatures == {"proposer": {0.7}, "rag": {0.0}, "solver": {1.3}}
+    # the update scores each role's batch under the distribution it was sampled from
+    assert {p.name: sampling_options(run.config, p)["temperature"] for p in parts} == {"proposer": 0.7, "solver": 1.3}
+    with pytest.warns(UserWarning, match="combine_update scores both roles in one batch"):
+        close_run(scripted_run(tiny_model_dir, tmp_path / "combined", self_play={
+            "proposer_temperature": 0.7, "solver_temperature": 1.3, "combine_update": True,
+            "proposer_advantage": "grpo_batch"}))
 
 
 def test_self_play_reads_no_training_question(tiny_model_dir, tmp_path):

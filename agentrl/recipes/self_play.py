@@ -85,11 +85,11 @@ class SelfPlayRecipe(Recipe):
             "max_turns": options.proposer_max_turns or rollout.max_turns})
         solver_rollout = rollout.model_copy(update={
             "temperature": rollout.temperature if options.solver_temperature is None else options.solver_temperature})
-        for role, sampled in (("proposer", proposer_rollout), ("solver", solver_rollout)):
-            if sampled.temperature != rollout.temperature:
-                warnings.warn(f"self_play.{role}_temperature={sampled.temperature:g} samples the {role}, but the update "
-                              f"scores every batch at rollout.temperature={rollout.temperature:g}, so its ratio is "
-                              "taken against another distribution than the one sampled", UserWarning, stacklevel=2)
+        if options.combine_update and proposer_rollout.temperature != solver_rollout.temperature:
+            warnings.warn(f"self_play.combine_update scores both roles in one batch at rollout.temperature="
+                          f"{rollout.temperature:g}, but they sample at {proposer_rollout.temperature:g} and "
+                          f"{solver_rollout.temperature:g}: the ratio of a role sampled at another temperature is "
+                          "taken against another distribution than the one sampled", UserWarning, stacklevel=2)
         self.proposer_worker = RolloutWorker(run.engine, run.tokenizer, self.proposer_env, run.executor,
                                              proposer_rollout, config.tools)
         self.solver_worker = RolloutWorker(run.engine, run.tokenizer, run.env, run.executor, solver_rollout, config.tools)
@@ -230,9 +230,11 @@ class SelfPlayRecipe(Recipe):
         if proposers:
             algo = self.config.algo.model_copy(update={"advantage": "reinforce_pp"}) \
                 if options.proposer_advantage == "reinforce_pp" else None
-            parts.append(LossBatch(collate(proposers, pad, version), proposers, name="proposer", algo=algo))
+            parts.append(LossBatch(collate(proposers, pad, version), proposers, name="proposer", algo=algo,
+                                   temperature=self.proposer_worker.config.temperature))
         if solvers:
-            parts.append(LossBatch(collate(solvers, pad, version), solvers, name="solver"))
+            parts.append(LossBatch(collate(solvers, pad, version), solvers, name="solver",
+                                   temperature=self.solver_worker.config.temperature))
         return parts, metrics
 
     def after_update(self, parts: list[LossBatch], step: int) -> dict[str, float]:

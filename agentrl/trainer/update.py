@@ -47,6 +47,8 @@ class LossBatch:
     logprobs), trained by SPEAR's self-imitation loss at ``weight``. After the update, a policy
     batch's ``advantages`` and ``old_logprobs`` hold what the update used (SPEAR's buffer stores them).
     ``name`` prefixes the batch's metrics (none for the step's main batch, ``"policy"``).
+    ``temperature`` and ``top_p``: the distribution the rows were sampled from, when it is not the
+    run's ``rollout`` one (self-play's roles sample at their own temperatures).
     """
 
     batch: TrainBatch
@@ -57,6 +59,8 @@ class LossBatch:
     advantages: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     weight: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
 
     @property
     def tokens(self) -> float:
@@ -102,16 +106,19 @@ def even_minibatches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [chunk for chunk in torch.tensor_split(rows, max(1, math.ceil(len(rows) / size))) if len(chunk)]
 
 
-def sampling_options(config: RunConfig) -> dict[str, float]:
-    """Score tokens under the distribution the rollout sampled from (temperature, top-p)."""
-    return {"temperature": config.rollout.temperature, "top_p": config.rollout.top_p}
+def sampling_options(config: RunConfig, part: LossBatch | None = None) -> dict[str, float]:
+    """Score tokens under the distribution the rollout sampled from (temperature, top-p): the
+    loss batch's own where it has one, else the run's."""
+    temperature = part.temperature if part is not None and part.temperature is not None else config.rollout.temperature
+    top_p = part.top_p if part is not None and part.top_p is not None else config.rollout.top_p
+    return {"temperature": temperature, "top_p": top_p}
 
 
 @torch.no_grad()
-def score_batch(run: Any, batch: TrainBatch, algo: AlgoConfig | None = None):
+def score_batch(run: Any, batch: TrainBatch, algo: AlgoConfig | None = None, part: LossBatch | None = None):
     """Logprobs of the current policy before the update (PPO's pi_old), the reference's, values, and
     for ArCHer the turn-boundary features ``(state, action)``, each ``(B, K, H)``."""
-    shape, sampling = batch.response_ids.shape, sampling_options(run.config)
+    shape, sampling = batch.response_ids.shape, sampling_options(run.config, part)
     old, values = torch.zeros(shape), torch.zeros(shape) if run.value_head is not None else None
     algo = algo or run.config.algo
     reference = torch.zeros(shape) if algo.kl_coef > 0 else None
@@ -158,7 +165,7 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
         # runs, so its detached logprobs are pi_old exactly and a separate scoring pass is saved.
         old = reference = old_values = features = None
     else:
-        old, reference, old_values, features = score_batch(run, batch, algo)
+        old, reference, old_values, features = score_batch(run, batch, algo, part)
     seen_old = torch.zeros(batch.response_ids.shape) if old is None else old
     critic_metrics, turn_advantages = {}, None
     if run.critic is not None:
@@ -191,7 +198,7 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
                       "batch_sequences": losses.sequence_count(loss_mask[minibatch]),
                       "max_response_tokens": config.rollout.max_response_tokens}
             run.optimizer.zero_grad(set_to_none=True)
-            selected = minibatch_covariance_selection(run, batch, minibatch, old, advantages, generator, algo) \
+            selected = minibatch_covariance_selection(run, batch, minibatch, old, advantages, generator, algo, part) \
                 if uses_covariance_selection(algo) else None
             for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
                 sub = batch.select(rows)
@@ -204,7 +211,7 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
                 with autocast(run):
                     out = forward_response(run.model, sub, run.value_head, with_entropy=wants_entropy(config, algo),
                                            entropy_grad=algo.entropy_coef > 0, value_trunk_grad=algo.value_trunk_grad,
-                                           **sampling_options(config))
+                                           **sampling_options(config, part))
                 if old is None:
                     old_sub = out.logprobs.detach()
                     if epoch == 0:
@@ -268,7 +275,7 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
 @torch.no_grad()
 def minibatch_covariance_selection(run: Any, batch: TrainBatch, minibatch: torch.Tensor, old: torch.Tensor | None,
                                    advantages: torch.Tensor, generator: torch.Generator,
-                                   algo: AlgoConfig | None = None) -> torch.Tensor:
+                                   algo: AlgoConfig | None = None, part: LossBatch | None = None) -> torch.Tensor:
     """``(B, T)``: the Clip-Cov/KL-Cov tokens of ``minibatch``, chosen from a no-grad pass of the
     current policy over the whole minibatch (so ``micro_batch_size`` stays a memory knob only)."""
     config = run.config
@@ -276,7 +283,8 @@ def minibatch_covariance_selection(run: Any, batch: TrainBatch, minibatch: torch
     for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
         sub = batch.select(rows)
         with autocast(run):
-            current[rows, : sub.response_ids.shape[1]] = forward_response(run.model, sub, **sampling_options(config)).logprobs
+            current[rows, : sub.response_ids.shape[1]] = forward_response(run.model, sub,
+                                                                          **sampling_options(config, part)).logprobs
     anchor = current[minibatch] if old is None else old[minibatch]
     selected = torch.zeros(batch.response_ids.shape)
     selected[minibatch] = covariance_selected(current[minibatch], anchor, advantages[minibatch],
@@ -322,7 +330,7 @@ def update_replay(run: Any, part: LossBatch, step: int) -> dict[str, float]:
             width = sub.response_ids.shape[1]
             with autocast(run):
                 out = forward_response(run.model, sub, with_entropy=wants_entropy(config, algo),
-                                       entropy_grad=algo.entropy_coef > 0, **sampling_options(config))
+                                       entropy_grad=algo.entropy_coef > 0, **sampling_options(config, part))
             mask = loss_mask[rows, :width]
             loss, parts = sil_loss(
                 out.logprobs, old[rows, :width], advantages[rows, :width], mask, part.weight,
