@@ -23,9 +23,7 @@ import datetime
 import json
 import platform
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.record import write_section  # noqa: E402
+from bench.record import train_in_child, write_section  # noqa: E402
 
 BEGIN, END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
 DATA = ROOT / "envs" / "data" / "fictional"
@@ -128,19 +126,9 @@ def base_config(args, data: Path) -> dict:
 def run_one(config: dict, method: str, seed: int, output_dir: Path) -> dict:
     """One training run in a child process; returns held-out success before RL and at the end."""
     config = json.loads(json.dumps(config))
-    config["output_dir"] = str(output_dir)
     config["algo"] = {**config.get("algo", {}), "advantage": method, **METHOD_OVERRIDES[method]}
     config["trainer"]["seed"] = seed
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
-    path = output_dir / "bench-config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "agentrl.cli", "train", str(path)], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
-    wall_s = time.perf_counter() - started
-    rows = read_rows(output_dir / "metrics.jsonl")
+    rows, wall_s = train_in_child(config, output_dir)
     evals = [(row["step"], row["eval/success_rate"]) for row in rows if "eval/success_rate" in row]
     return {"method": method, "seed": seed, "before": evals[0][1], "after": evals[-1][1], "wall_s": wall_s}
 

@@ -21,9 +21,7 @@ import argparse
 import datetime
 import json
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.record import write_section  # noqa: E402
+from bench.record import train_in_child, write_section  # noqa: E402
 
 BEGIN, END = "<!-- spear:begin -->", "<!-- spear:end -->"
 DATA = ROOT / "envs" / "data" / "fictional"
@@ -53,7 +51,6 @@ def write_data(directory: Path) -> None:
 def run_one(arm: str, seed: int, args, output_dir: Path) -> dict:
     """One training run of ``configs/<arm>.yaml``; returns its eval curve, entropy curve and step times."""
     config = yaml.safe_load((ROOT / "configs" / f"{arm}.yaml").read_text())
-    config["output_dir"] = str(output_dir)
     data = output_dir.parent / "data"
     config["env"].update({"eval_size": args.eval_size, "train_data": str(data / "train.jsonl"),
                           "eval_data": str(data / "eval.jsonl")})
@@ -62,18 +59,10 @@ def run_one(arm: str, seed: int, args, output_dir: Path) -> dict:
     if arm == "spear":  # the schedules scale with the run length, as in the config
         config["spear"].update({"tool_call_steps": args.steps, "sil_ramp_steps": max(1, args.steps // 2)})
     config["tracking"] = {"backends": ["jsonl"], "progress": False, "plot": False, "sample_trajectories": 0}
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
-    path = output_dir / "bench-config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "agentrl.cli", "train", str(path)], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows, wall_s = train_in_child(config, output_dir)
     steps = [r for r in rows if r["step"] > 0]
     return {
-        "arm": arm, "seed": seed, "wall_s": time.perf_counter() - started,
+        "arm": arm, "seed": seed, "wall_s": wall_s,
         "eval": [(r["step"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r],
         "entropy": [(r["step"], r["entropy"]) for r in steps if "entropy" in r],
         "step_s": [r["time/step_s"] for r in steps],

@@ -67,6 +67,29 @@ class LossBatch:
         return float(self.batch.loss_mask.sum())
 
 
+@dataclass
+class StepCounts:
+    """The optimizer steps of one batch's update: minibatches seen, steps taken, steps skipped for a
+    non-finite gradient norm, and the summed norm of the steps taken (under ``grad_key``)."""
+
+    grad_key: str
+    minibatches: int = 0
+    updates: int = 0
+    skipped: int = 0
+
+    def record(self, sums: dict[str, float], grad_norm: float, stepped: bool) -> None:
+        self.minibatches += 1
+        if stepped:
+            sums[self.grad_key] = sums.get(self.grad_key, 0.0) + grad_norm
+            self.updates += 1
+        else:
+            self.skipped += 1
+
+    def means(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-minibatch means of ``sums``; the grad norm's over the steps taken."""
+        return {key: value / (self.updates if key == self.grad_key else self.minibatches) for key, value in sums.items()}
+
+
 def update(run: Any, parts: list[LossBatch], step: int) -> dict[str, float]:
     """The loss on each batch in order (on-policy ones first, as the recipe lists them), each with
     its own optimizer steps. ``update/skipped`` is set when no optimizer step was taken at all."""
@@ -190,7 +213,7 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
     value_parameters = list(run.value_head.parameters()) if run.value_head is not None else []
     value_ids = {id(p) for p in value_parameters}
     parameters = [p for group in run.optimizer.param_groups for p in group["params"] if id(p) not in value_ids]
-    updates = minibatches = skipped = 0
+    counts = StepCounts("grad_norm")
     for epoch in range(config.trainer.epochs):
         order = torch.randperm(batch.size, generator=generator)
         for minibatch in even_minibatches(order, config.trainer.minibatch_size):
@@ -252,18 +275,12 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
                 loss.backward()
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
-            grad_norm, stepped = clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm,
-                                               *([value_parameters] if value_parameters else []))
-            minibatches += 1
-            if stepped:
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-                updates += 1
-            else:
-                skipped += 1
+            counts.record(sums, *clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm,
+                                               *([value_parameters] if value_parameters else [])))
     run.optimizer.zero_grad(set_to_none=True)
     run.model.eval()
-    metrics.update({key: value / (updates if key == "grad_norm" else minibatches) for key, value in sums.items()})
-    metrics["update/nonfinite_skipped"] = float(skipped)
+    metrics.update(counts.means(sums))
+    metrics["update/nonfinite_skipped"] = float(counts.skipped)
     metrics["rollout/logprob_mismatch"] = mismatch[0] / max(mismatch[1], 1.0)
     if stale_weights[1]:
         metrics["rollout/stale_is_weight_mean"] = stale_weights[0] / stale_weights[1]
@@ -318,7 +335,7 @@ def update_replay(run: Any, part: LossBatch, step: int) -> dict[str, float]:
     parameters = [p for group in run.optimizer.param_groups for p in group["params"]
                   if run.value_head is None or all(p is not q for q in run.value_head.parameters())]
     sums: dict[str, float] = {}
-    minibatches = updates = skipped = 0
+    counts = StepCounts("sil/grad_norm")
     run.model.train()
     order = torch.randperm(batch.size, generator=generator)
     for minibatch in even_minibatches(order, config.trainer.minibatch_size):
@@ -346,18 +363,13 @@ def update_replay(run: Any, part: LossBatch, step: int) -> dict[str, float]:
             share = float(mask.sum()) / max(totals["batch_tokens"], 1.0)  # token-weighted means over the minibatch
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + (value if key in ("sil/loss", "sil/entropy") else value * share)
-        grad_norm, stepped = clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm)
-        minibatches += 1
-        if stepped:
-            sums["sil/grad_norm"] = sums.get("sil/grad_norm", 0.0) + grad_norm
-            updates += 1
-        else:
-            skipped += 1
+        counts.record(sums, *clip_and_step(run.optimizer, parameters, config.trainer.max_grad_norm))
     run.optimizer.zero_grad(set_to_none=True)
     run.model.eval()
-    metrics = {key: value / (updates if key == "sil/grad_norm" else minibatches) for key, value in sums.items()}
+    metrics = counts.means(sums)
     metrics["sil/weight"] = float(part.weight)
-    metrics.update({"sil/rows": float(batch.size), "sil/updates": float(updates), "sil/nonfinite_skipped": float(skipped)})
-    if not updates:
+    metrics.update({"sil/rows": float(batch.size), "sil/updates": float(counts.updates),
+                    "sil/nonfinite_skipped": float(counts.skipped)})
+    if not counts.updates:
         metrics["update/skipped"] = 1.0
     return metrics
