@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct on the CPU must chain searches: a 2-hop question ("In which city was the
 founder of Plelzei House born?") needs the company, then its founder; a 3-hop one ("In which
 country ...") also the founder's city. Every method starts from the same SFT warm start on scripted
-multi-hop demonstrations (each search from the real search tool) and trains the same number of
-steps with the same seeds; held-out success is greedy, one sample per held-out question.
+multi-hop demonstrations (each search from the real search tool), run once per seed and shared by
+that seed's methods, and trains the same number of steps with the same seeds; held-out success is
+greedy, one sample per held-out question.
 
     .venv/bin/python bench/estimators.py                          # 6 methods x 3 seeds, recorded
     .venv/bin/python bench/estimators.py --calibrate               # warm start + eval only
@@ -123,14 +124,27 @@ def base_config(args, data: Path) -> dict:
     return config
 
 
-def run_one(config: dict, method: str, seed: int, output_dir: Path) -> dict:
-    """One training run in a child process; returns held-out success before RL and at the end."""
+def warm_start(config: dict, seed: int, output_dir: Path) -> dict:
+    """The SFT warm start of one seed, once, in a child process: every method of that seed starts
+    from the weights it saves. Returns held-out success before and after SFT and the model's path."""
     config = json.loads(json.dumps(config))
-    config["algo"] = {**config.get("algo", {}), "advantage": method, **METHOD_OVERRIDES[method]}
-    config["trainer"]["seed"] = seed
+    config["trainer"].update({"steps": 0, "seed": seed})
     rows, wall_s = train_in_child(config, output_dir)
-    evals = [(row["step"], row["eval/success_rate"]) for row in rows if "eval/success_rate" in row]
-    return {"method": method, "seed": seed, "before": evals[0][1], "after": evals[-1][1], "wall_s": wall_s}
+    first = rows[0]
+    return {"seed": seed, "base": first["eval_base/success_rate"], "before": first["eval/success_rate"],
+            "model": str(output_dir / "model"), "wall_s": wall_s}
+
+
+def run_one(config: dict, method: str, start: dict, output_dir: Path) -> dict:
+    """RL from the seed's warm start in a child process; returns held-out success at the end."""
+    config = json.loads(json.dumps(config))
+    config["model"] = {**config.get("model", {}), "name": start["model"]}
+    config["sft"]["enabled"] = False
+    config["algo"] = {**config.get("algo", {}), "advantage": method, **METHOD_OVERRIDES[method]}
+    config["trainer"].update({"seed": start["seed"], "eval_before": False})
+    rows, wall_s = train_in_child(config, output_dir)
+    after = [row["eval/success_rate"] for row in rows if "eval/success_rate" in row][-1]
+    return {"method": method, "seed": start["seed"], "before": start["before"], "after": after, "wall_s": wall_s}
 
 
 def spread(values: list[float]) -> str:
@@ -139,8 +153,10 @@ def spread(values: list[float]) -> str:
     return f"{100 * mean:5.1f}% +- {100 * deviation:4.1f} [{100 * min(values):.0f}-{100 * max(values):.0f}]"
 
 
-def table(results: list[dict], methods: list[str]) -> list[str]:
-    lines = ["method      held-out before RL      held-out after RL       wall time per run"]
+def table(results: list[dict], methods: list[str], starts: list[dict]) -> list[str]:
+    lines = [f"warm start  before SFT {spread([s['base'] for s in starts])}, after SFT {spread([s['before'] for s in starts])}, "
+             f"{statistics.mean(s['wall_s'] for s in starts) / 60:.1f} min per seed (SFT and both evaluations)",
+             "method      held-out before RL      held-out after RL       RL wall time per run"]
     for method in methods:
         rows = [r for r in results if r["method"] == method]
         if rows:
@@ -192,18 +208,21 @@ def main() -> None:
     config = base_config(args, data)
     write_data(data, args.hops, train_size=2000, eval_size=args.eval_size, demos=args.demos, config=config)
     if args.calibrate:
-        config["trainer"]["steps"] = 0
-        result = run_one(config, args.methods[0], args.seeds[0], output / "calibrate")
-        print(f"warm start: held-out success {100 * result['before']:.1f}% ({result['wall_s'] / 60:.1f} min)")
+        start = warm_start(config, args.seeds[0], output / "calibrate")
+        print(f"held-out success: {100 * start['base']:.1f}% before SFT, {100 * start['before']:.1f}% after "
+              f"({start['wall_s'] / 60:.1f} min)")
         return
-    started, results = time.perf_counter(), []
+    started, results, starts = time.perf_counter(), [], []
     for seed in args.seeds:
+        start = warm_start(config, seed, output / f"warm-start-seed{seed}")
+        print(json.dumps(start), flush=True)
+        starts.append(start)
         for method in args.methods:
-            result = run_one(config, method, seed, output / f"{method}-seed{seed}")
+            result = run_one(config, method, start, output / f"{method}-seed{seed}")
             print(json.dumps(result), flush=True)
             results.append(result)
     total_s = time.perf_counter() - started
-    lines = table(results, args.methods)
+    lines = table(results, args.methods, starts)
     print("\n".join(lines) + f"\ntotal wall time {total_s / 60:.1f} min")
     if not args.no_record:
         command = "python bench/estimators.py " + " ".join(sys.argv[1:])
