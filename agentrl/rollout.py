@@ -457,6 +457,7 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         "trajectories": float(len(trajectories)),
         "turns_mean": statistics.fmean(t.num_turns for t in trajectories),
         "response_tokens_mean": statistics.fmean(len(t.response_ids) for t in trajectories),
+        "generated_tokens": float(sum(t.num_model_tokens for t in trajectories)),  # sampled by the engine
     }
     scored = [t for t in trajectories if t.trainable and t.reward is not None]
     if scored:

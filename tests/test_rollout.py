@@ -190,6 +190,8 @@ def test_groups_and_metrics(tokenizer):
     assert [t.group_id for t in batch.trajectories] == ["q0"] * 3 + ["q1"] * 3
     assert batch.metrics["success_rate"] == 1.0 and batch.metrics["tool_calls/search"] == 1.0
     assert batch.metrics["stop/answer"] == 1.0 and batch.metrics["turns_mean"] == 2.0
+    sampled = sum(s.end - s.start for t in batch.trajectories for s in t.turns if s.role == "assistant")
+    assert batch.metrics["generated_tokens"] == sampled > 0
 
 
 @pytest.mark.parametrize("fmt", ["xml"])
