@@ -27,11 +27,12 @@ from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 from agentrl.algos import advantages as adv  # noqa: E402
 from agentrl.algos import losses  # noqa: E402
 from agentrl.algos.spear import sil_loss  # noqa: E402
-from agentrl.config import AlgoConfig  # noqa: E402
+from agentrl.config import AlgoConfig, GigpoConfig  # noqa: E402
 from agentrl.trainer.batching import collate  # noqa: E402
 from agentrl.trainer.estimators import compute_advantages  # noqa: E402
 from agentrl.trajectory import Trajectory  # noqa: E402
 from agentrl.verl.agent_loop import Request, loop_output  # noqa: E402
+from agentrl.verl.algorithms import GIGPO_FIELDS, gigpo_inputs  # noqa: E402
 
 
 def trajectory(name: str, group: str, turns: list[int], turn_rewards: list[float], reward: float) -> Trajectory:
@@ -93,6 +94,151 @@ def test_a_reward_on_a_trailing_observation_counts_for_the_last_turn():
     second, _ = estimator(token_level_rewards=at_last_token, response_mask=mask, index=index, config=None)
     torch.testing.assert_close(first, second)
     assert first[0, 0] > 0 > first[1, 0]
+
+
+# -- GiGPO ---------------------------------------------------------------------------------------
+
+
+def episode(name: str, group: str, prompt: list[int], turns: list[int], observations: list[list[int]],
+            turn_rewards: list[float], reward: float) -> Trajectory:
+    """Assistant turns of the given lengths, each followed by a template token and the next
+    observation; turns of a group that answer the same prompt or observation share an anchor state."""
+    t = Trajectory(id=name, group_id=group, prompt_ids=list(prompt))
+    for index, length in enumerate(turns):
+        t.append_model_tokens([7] * length, [-0.3] * length, index, 0)
+        if index < len(turns) - 1:
+            t.append_observation_tokens([2], index, role="template")
+            t.append_observation_tokens(observations[index], index)
+    t.turn_rewards, t.reward = turn_rewards, reward
+    return t
+
+
+ANCHORED = [
+    episode("a0", "a", [1, 2, 3], [2, 3, 1], [[9, 9], [8]], [0.5, 0.0, 0.0], 1.0),
+    episode("a1", "a", [1, 2, 3], [4], [], [0.0], 0.0),
+    episode("a2", "a", [1, 2, 3], [1, 2], [[9, 9]], [0.5, 0.25], 1.0),  # its second turn answers a0's [9, 9]
+    episode("a3", "a", [1, 2, 3], [2, 2, 2], [[5, 5], [8]], [0.0, 0.0, 0.3], 0.0),  # its third a0's [8]
+    episode("b0", "b", [4, 5], [3, 3], [[7]], [0.0, 1.0], 0.0),
+    episode("b1", "b", [4, 5], [2, 1, 2], [[7], [7]], [0.0, 0.0, 0.5], 1.0),  # [7] twice: one step group
+    episode("b2", "b", [4, 5], [1, 4], [[6]], [0.2, 0.0], 0.0),
+]
+
+
+def loop_fields(trajectories: list[Trajectory]) -> dict[str, torch.Tensor]:
+    """The agent loop's outputs (``as_dict``, what verl stores per sample) padded by verl's own
+    ``list_of_dict_to_tensordict`` and ``to_padded_tensor``, as its v1 advantage step reads them."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    names = ("response_mask", "rm_scores", *GIGPO_FIELDS)
+    outputs = [loop_output(t, Request("r", {}), 0, 64, 64, 0.0).as_dict() for t in trajectories]
+    padded = list_of_dict_to_tensordict([{n: o[n] for n in names} for o in outputs]).to_padded_tensor()
+    return {n: padded[n] for n in names}
+
+
+def local_gigpo(trajectories: list[Trajectory], step_weight: float, gamma: float, norm_std: bool) -> torch.Tensor:
+    batch = collate(trajectories, 0)
+    algo = AlgoConfig(advantage="gigpo", norm_std=norm_std, gigpo=GigpoConfig(step_weight=step_weight, gamma=gamma))
+    advantages, _ = compute_advantages(batch, batch.loss_mask, algo)
+    return advantages
+
+
+@pytest.mark.parametrize("step_weight,gamma,norm_std", [(1.0, 0.95, True), (0.5, 1.0, True), (2.0, 0.8, False)])
+def test_gigpo_through_verls_advantage_step_equals_the_local_estimator(step_weight, gamma, norm_std):
+    local = local_gigpo(ANCHORED, step_weight, gamma, norm_std)
+    assert core_algos.get_adv_estimator_fn("agentrl_gigpo").__module__ == "agentrl.verl.algorithms"
+    fields = loop_fields(ANCHORED)
+    data = DataProto.from_dict(tensors={"response_mask": fields["response_mask"], "token_level_rewards": fields["rm_scores"]},
+                               non_tensors={"uid": np.array([t.group_id for t in ANCHORED], dtype=object)})
+    with gigpo_inputs(fields["agentrl_token_turns"], fields["agentrl_token_anchors"], step_weight):
+        data = compute_advantage(data, adv_estimator="agentrl_gigpo", gamma=gamma,
+                                 config=VerlAlgoConfig(gamma=gamma, norm_adv_by_std_in_grpo=norm_std))
+    width = local.shape[1]
+    torch.testing.assert_close(data.batch["advantages"][:, :width].double(), local.double(), atol=1e-6, rtol=1e-5)
+    assert data.batch["advantages"][:, width:].abs().sum() == 0
+    # the step-level part is there: without it the advantages differ
+    assert not torch.allclose(local, local_gigpo(ANCHORED, 0.0, gamma, norm_std))
+
+
+def test_gigpo_takes_its_fields_as_arguments_and_refuses_to_run_without_them():
+    fields = loop_fields(ANCHORED)
+    estimator = core_algos.get_adv_estimator_fn("agentrl_gigpo")
+    index = np.array([t.group_id for t in ANCHORED], dtype=object)
+    advantages, _ = estimator(token_level_rewards=fields["rm_scores"], response_mask=fields["response_mask"],
+                              index=index, config=VerlAlgoConfig(gamma=0.9), token_turns=fields["agentrl_token_turns"],
+                              token_anchors=fields["agentrl_token_anchors"], step_weight=0.5)
+    width = len(max(ANCHORED, key=lambda t: len(t.response_ids)).response_ids)
+    torch.testing.assert_close(advantages[:, :width].double(), local_gigpo(ANCHORED, 0.5, 0.9, True).double(),
+                               atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="trainer.v1.trainer_mode=agentrl_sync"):
+        estimator(token_level_rewards=fields["rm_scores"], response_mask=fields["response_mask"], index=index)
+
+
+def test_a_failed_trajectory_has_no_turns_for_gigpo_and_only_its_zero_reward_in_the_episode_baseline():
+    failed = episode("a4", "a", [1, 2, 3], [2, 2], [[9, 9]], [0.0, 0.0], 1.0)
+    failed.status = "infra_error"
+    fields = loop_fields([*ANCHORED, failed])
+    assert fields["agentrl_token_turns"][-1].abs().sum() == 0 and fields["response_mask"][-1].sum() == 0
+    index = np.array([t.group_id for t in ANCHORED] + ["a"], dtype=object)
+    advantages, _ = core_algos.get_adv_estimator_fn("agentrl_gigpo")(
+        token_level_rewards=fields["rm_scores"], response_mask=fields["response_mask"], index=index,
+        token_turns=fields["agentrl_token_turns"], token_anchors=fields["agentrl_token_anchors"], step_weight=1.0)
+    assert advantages[-1].abs().sum() == 0
+    zero = episode("a4", "a", [1, 2, 3], [], [], [], 0.0)  # the same row as a turnless zero-reward trajectory
+    local = local_gigpo([*ANCHORED, zero], 1.0, 1.0, True)
+    torch.testing.assert_close(advantages[:, : local.shape[1]].double(), local.double(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def transfer_queue():
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    yield tq
+    tq.close()
+    ray.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_gigpo_under_agentrls_registered_trainer_reads_the_loops_fields_from_transfer_queue(transfer_queue, tmp_path):
+    """verl's own v1 advantage step on the composed config, through TransferQueue: the trainer that
+    ``algo.advantage=gigpo`` selects fetches the agent loop's turn fields for the batch's keys."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    from agentrl.config import build_config
+    from agentrl.verl.launch import verl_overrides
+    from tests.test_verl_data import compose_verl
+
+    config = build_config({"algo": {"advantage": "gigpo", "gigpo": {"step_weight": 0.5, "gamma": 0.9}},
+                           "trainer": {"backend": "verl", "minibatch_size": 8}, "rollout": {"group_size": 4}})
+    verl_config = compose_verl(verl_overrides(config, tmp_path))
+    OmegaConf.resolve(verl_config)
+    assert verl_config.trainer.v1.trainer_mode == "agentrl_sync" and verl_config.agentrl.gigpo.step_weight == 0.5
+    trainer = object.__new__(get_trainer_cls(verl_config.trainer.v1.trainer_mode))  # its advantage step needs no GPU
+    trainer.config = verl_config
+    assert trainer.trainer_mode == "sync"  # verl's own mode, which verl's code branches on
+
+    order = [3, 0, 6, 1, 5, 2, 4]  # stored and fetched in another order than the local batch
+    fields = []
+    for row in order:
+        field = loop_output(ANCHORED[row], Request("r", {}), 0, 64, 64, 0.0).as_dict()
+        field.update(uid=ANCHORED[row].group_id, session_id=row)
+        field["loss_mask"] = field["response_mask"]
+        field["old_log_probs"] = field["rollout_log_probs"]  # what verl's actor stores before this step
+        fields.append(field)
+    keys = [f"{ANCHORED[row].group_id}_{row}_0" for row in order]
+    batch = transfer_queue.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields))
+    trainer._compute_advantage(batch, metrics={})
+    stored = transfer_queue.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
+    advantages = stored.to_padded_tensor()["advantages"]
+    local = local_gigpo(ANCHORED, 0.5, 0.9, True)
+    width = min(local.shape[1], advantages.shape[1])
+    torch.testing.assert_close(advantages[:, :width].double(), local[order][:, :width].double(), atol=1e-6, rtol=1e-5)
+    assert local[order][:, width:].abs().sum() == 0
 
 
 # -- verl's built-in estimators and agentrl's ---------------------------------------------------

@@ -25,7 +25,7 @@ def overrides(tmp_path, *dotted: str) -> list[str]:
 
 
 @pytest.mark.parametrize("setting,key", [
-    ("algo.advantage=gigpo", "algo.advantage"), ("algo.advantage=archer", "algo.advantage"),
+    ("algo.advantage=archer", "algo.advantage"),
     ("rollout.partial.enabled=true", "rollout.partial.enabled"), ("rollout.engine=openai", "rollout.engine"),
     ("sft.enabled=true", "sft.enabled"), ("algo.dynamic_sampling=true", "algo.dynamic_sampling"),
     ("recipe=spear", "recipe"), ("trainer.minibatch_size=6", "trainer.minibatch_size"),
@@ -70,6 +70,25 @@ def test_the_overrides_carry_the_run_configs_settings(tmp_path):
     assert settings["+agentrl.config"] == str(tmp_path.resolve() / "agentrl.yaml")
 
 
+def test_gigpo_maps_to_agentrls_estimator_under_agentrls_trainer(tmp_path):
+    settings = dict(o.split("=", 1) for o in overrides(tmp_path, "algo.advantage=gigpo", "algo.gigpo.step_weight=0.5",
+                                                       "algo.gigpo.gamma=0.8", "algo.norm_std=false"))
+    assert settings["algorithm.adv_estimator"] == "agentrl_gigpo" and settings["algorithm.gamma"] == "0.8"
+    assert settings["+agentrl.gigpo.step_weight"] == "0.5" and settings["algorithm.norm_adv_by_std_in_grpo"] == "false"
+    assert settings["trainer.v1.trainer_mode"] == "agentrl_sync"  # the trainer that hands it the turn fields
+    # verl's async modes run under agentrl's trainer of the same mode
+    argv = overrides(tmp_path, "algo.advantage=gigpo",
+                     "verl.overrides=[trainer.v1.trainer_mode=separate_async,trainer.v1.sampler.max_off_policy_threshold=2]")
+    assert "trainer.v1.trainer_mode=agentrl_separate_async" in argv and "trainer.v1.trainer_mode=separate_async" not in argv
+    assert argv[-1] == "trainer.v1.sampler.max_off_policy_threshold=2"
+    with pytest.raises(ConfigError, match=r"^verl.overrides\[1\]: trainer.v1.trainer_mode='my_mode': .*sync"):
+        overrides(tmp_path, "algo.advantage=gigpo", "verl.overrides=[a.b=1,trainer.v1.trainer_mode=my_mode]")
+    with pytest.raises(ConfigError, match=r"^verl.overrides\[1\]: actor_rollout_ref.rollout.n is set from"):
+        overrides(tmp_path, "algo.advantage=gigpo",
+                  "verl.overrides=[trainer.v1.trainer_mode=colocate_async,actor_rollout_ref.rollout.n=16]")
+    assert "trainer.v1.trainer_mode" not in dict(o.split("=", 1) for o in overrides(tmp_path, "algo.advantage=turn_grpo"))
+
+
 def test_local_only_settings_are_listed():
     assert local_only_settings(config("trainer.torch_threads=2")) == ["trainer.torch_threads"]
 
@@ -90,9 +109,9 @@ def test_dry_run_needs_the_verl_backend(tmp_path):
 
 
 def test_an_unsupported_setting_stops_the_cli_before_anything_is_written(tmp_path):
-    result = CliRunner().invoke(app, ["train", "trainer.backend=verl", "algo.advantage=gigpo", f"output_dir={tmp_path}",
+    result = CliRunner().invoke(app, ["train", "trainer.backend=verl", "algo.advantage=archer", f"output_dir={tmp_path}",
                                       "--dry-run"])
-    assert result.exit_code == 2 and "algo.advantage: 'gigpo' is not available on verl" in result.output
+    assert result.exit_code == 2 and "algo.advantage: 'archer' is not available on verl" in result.output
     assert not (tmp_path / "verl_data").exists()
 
 

@@ -19,8 +19,10 @@ PROBE = """
 import json, verl
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 print(json.dumps({"loops": {k: v["_target_"] for k, v in _agent_loop_registry.items()},
-                  "estimators": sorted(ADV_ESTIMATOR_REGISTRY), "losses": sorted(POLICY_LOSS_REGISTRY)}))
+                  "estimators": sorted(ADV_ESTIMATOR_REGISTRY), "losses": sorted(POLICY_LOSS_REGISTRY),
+                  "trainers": {k: v.__module__ for k, v in TRAINER_REGISTRY.items()}}))
 """
 
 
@@ -39,7 +41,9 @@ def plain_import():
 def test_a_bare_import_registers_the_agent_loop_estimators_and_losses(plain_import):
     found, _ = plain_import
     assert found["loops"]["agentrl"] == "agentrl.verl.agent_loop.AgentrlAgentLoop"
-    assert "agentrl_turn_grpo" in found["estimators"]
+    assert {"agentrl_turn_grpo", "agentrl_gigpo"} <= set(found["estimators"])
+    assert {found["trainers"][n] for n in ("agentrl_sync", "agentrl_colocate_async", "agentrl_separate_async")} == \
+        {"agentrl.verl.trainer"}
     assert {"agentrl_ppo_clip", "agentrl_clip_cov", "agentrl_kl_cov", "agentrl_sil"} <= set(found["losses"])
 
 

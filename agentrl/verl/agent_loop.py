@@ -41,9 +41,17 @@ from agentrl.config import RunConfig, load_config
 from agentrl.engines.base import GenerationResult, SamplingParams
 from agentrl.envs.base import Env, Task
 from agentrl.executor import ToolExecutor
+from agentrl.multimodal import (
+    ImageInputs,
+    attach_processor,
+    is_vision_model_dir,
+    processor_for,
+    trajectory_image_inputs,
+)
 from agentrl.rollout import RolloutWorker, short_reason
 from agentrl.tool import InfraError
 from agentrl.trajectory import FAILURE_STATUSES, Trajectory
+from agentrl.verl.algorithms import turn_fields
 
 CONFIG_ENV = "AGENTRL_CONFIG"  # the run config's path, when the verl config has no agentrl.config
 
@@ -126,15 +134,18 @@ class ServerEngine:
         self.eos_ids = {int(i) for i in ids if i is not None}
         self._infrastructure = _infrastructure_errors()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       images: ImageInputs | None = None) -> GenerationResult:
+        """``images``: those whose blocks ``prompt_ids`` holds, sent as verl's ``image_data``."""
         request = _request.get()
         sampling = {**request.sampling_params, "max_tokens": params.max_new_tokens, "logprobs": True}
         if params.stop:
             sampling.update(stop=list(params.stop), **self.keep_stop)
+        media = {"image_data": list(images.images)} if images else {}  # as verl's own tool agent loop sends them
         started = time.perf_counter()
         try:
             output = await self.server_manager.generate(request.request_id, prompt_ids=list(prompt_ids),
-                                                        sampling_params=sampling)
+                                                        sampling_params=sampling, **media)
         except self._infrastructure as error:
             raise InfraError(f"verl's LLM server is unavailable: {short_reason(error)}") from error
         finally:
@@ -217,13 +228,19 @@ def worker_state(path: str, server_manager: Any, tokenizer: Any, rollout_config:
 class AgentrlLoopOutput(AgentLoopOutput):
     """verl's output plus per-turn rewards: ``turn_rewards`` holds ``(position, reward)`` pairs in
     the response, which :meth:`as_dict` adds to ``rm_scores`` (where ``reward_score`` already sits
-    on the last token), so ``sum(rm_scores)`` is the trajectory's whole reward."""
+    on the last token), so ``sum(rm_scores)`` is the trajectory's whole reward; and each response
+    token's turn and anchor state (``turn_fields``, :func:`agentrl.verl.algorithms.turn_fields`),
+    which :meth:`as_dict` adds as tensors for ``agentrl_gigpo``."""
 
     turn_rewards: list[tuple[int, float]] = []
+    turn_fields: dict[str, list[int]] = {}
 
     def as_dict(self) -> dict[str, Any]:
         output = super().as_dict()
         output.pop("turn_rewards", None)
+        output.pop("turn_fields", None)
+        for name, values in self.turn_fields.items():
+            output[name] = torch.tensor(values, dtype=torch.int64)
         if self.turn_rewards:
             scores = output.get("rm_scores")
             if scores is None:
@@ -244,8 +261,9 @@ def turn_ends(trajectory: Trajectory) -> list[int]:
 
 
 def loop_output(trajectory: Trajectory, request: Request, pad_id: int, prompt_length: int,
-                response_length: int, tool_s: float) -> AgentrlLoopOutput:
-    """verl's output for a finished trajectory (see the module docstring)."""
+                response_length: int, tool_s: float, images: list[Any] | None = None) -> AgentrlLoopOutput:
+    """verl's output for a finished trajectory (see the module docstring); ``images`` (every image
+    the model saw, in the order of their blocks in the ids) become ``multi_modal_data["images"]``."""
     if len(trajectory.prompt_ids) > prompt_length and trajectory.status not in FAILURE_STATUSES:
         trajectory.status = trajectory.stop_reason = "template_error"
         trajectory.metadata["error"] = (f"the prompt has {len(trajectory.prompt_ids)} tokens, more than verl's "
@@ -276,12 +294,35 @@ def loop_output(trajectory: Trajectory, request: Request, pad_id: int, prompt_le
     return AgentrlLoopOutput(
         prompt_ids=prompt_ids, response_ids=response_ids, response_mask=mask, response_logprobs=logprobs,
         reward_score=reward, num_turns=1 + len(chat_turns), turn_rewards=turn_rewards, extra_fields=extra,
+        turn_fields=turn_fields(trajectory, 0 if failed else len(response_ids), len(response_ids)),
+        **({"multi_modal_data": {"images": list(images)}} if images else {}),  # unset for text, as before
         metrics=AgentLoopMetrics(generate_sequences=request.generate_s, tool_calls=tool_s,
                                  num_preempted=request.num_preempted),
     )
 
 
 # -- the loop ------------------------------------------------------------------------------------
+
+
+def attach_vision_processor(tokenizer: Any, processor: Any, model_path: str | None) -> None:
+    """Let agentrl's rollout see a vision-language model: it knows one by the processor attached to
+    the tokenizer (:func:`agentrl.multimodal.processor_for`). That is verl's processor when verl built
+    one, else the model folder's own; a vision-language model without one is an error, never a
+    text-only rollout. (verl 0.9.1's ``hf_processor`` builds none for Idefics3/SmolVLM.)"""
+    if processor_for(tokenizer) is not None:
+        return
+    if processor is not None and getattr(processor, "image_processor", None) is not None:
+        attach_processor(tokenizer, processor)
+        return
+    if not model_path or not is_vision_model_dir(model_path):
+        return
+    from transformers import AutoProcessor
+
+    try:
+        attach_processor(tokenizer, AutoProcessor.from_pretrained(model_path))
+    except Exception as error:
+        raise ValueError(f"{model_path} is a vision-language model but its processor does not load here "
+                         f"({short_reason(error)}); the agent loop cannot render its images") from error
 
 
 class AgentrlAgentLoop(AgentLoopBase):
@@ -291,6 +332,7 @@ class AgentrlAgentLoop(AgentLoopBase):
 
     def __init__(self, *args: Any, tools: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        attach_vision_processor(self.tokenizer, self.processor, self.config.actor_rollout_ref.model.get("path"))
         self.state = worker_state(config_path(self.config), self.server_manager, self.tokenizer, self.rollout_config)
 
     def task(self, row: dict[str, Any]) -> Task:
@@ -311,5 +353,6 @@ class AgentrlAgentLoop(AgentLoopBase):
             _request.reset(token)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         tool_s = sum(call.latency_s for call in trajectory.tool_calls)
+        images = trajectory_image_inputs(trajectory).images if trajectory.images else None  # cached on it
         return loop_output(trajectory, request, int(pad_id), int(self.rollout_config.prompt_length),
-                           int(self.rollout_config.response_length), tool_s)
+                           int(self.rollout_config.response_length), tool_s, images)

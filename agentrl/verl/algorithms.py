@@ -11,6 +11,10 @@ The math is :mod:`agentrl.algos`'; this module only translates layouts:
   final ``reward_score``) counts for the last turn, and a KL penalty verl put on the tokens
   (``algorithm.use_kl_in_reward``) leaves the reward of the turn it was paid in, as in the local
   trainer.
+- ``agentrl_gigpo`` also needs each turn's tokens and anchor state (GiGPO's step groups), which
+  verl's advantage step does not hand an estimator: the agent loop writes them per response token
+  (:func:`turn_fields`, the :data:`GIGPO_FIELDS` of its output) and agentrl's registered trainer
+  (:mod:`agentrl.verl.trainer`) fetches them and passes them on with :func:`gigpo_inputs`.
 - **Losses** get ``old_log_prob``, ``log_prob``, ``advantages``, ``response_mask`` (one micro-batch),
   ``loss_agg_mode``, ``config`` (verl's ``ActorConfig``) and ``rollout_is_weights``. The per-token
   loss is agentrl's; it is reduced by verl's ``agg_loss`` with ``config.global_batch_info``, so the
@@ -22,6 +26,9 @@ Names carry the ``agentrl_`` prefix, so none collides with verl's built-ins.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,10 +36,11 @@ import torch
 
 from agentrl.algos import advantages as adv
 from agentrl.algos import losses
+from agentrl.trajectory import Trajectory
 
 Tensor = torch.Tensor
 
-ESTIMATORS = ("agentrl_turn_grpo",)
+ESTIMATORS = ("agentrl_turn_grpo", "agentrl_gigpo")
 POLICY_LOSSES = ("agentrl_ppo_clip", "agentrl_clip_cov", "agentrl_kl_cov", "agentrl_sil")
 
 
@@ -67,6 +75,49 @@ def group_codes(index: Any, size: int) -> Tensor:
     return torch.as_tensor(codes.reshape(-1), dtype=torch.long)
 
 
+# the agent loop's output fields GiGPO reads, one value per response token
+GIGPO_FIELDS = ("agentrl_token_turns", "agentrl_token_anchors")
+
+
+def turn_fields(trajectory: Trajectory, length: int, width: int | None = None) -> dict[str, list[int]]:
+    """The :data:`GIGPO_FIELDS` of a trajectory's first ``length`` response tokens, ``width``
+    (default ``length``) values each: a failed trajectory's output has none (``length=0``).
+
+    ``agentrl_token_turns`` is each token's assistant turn, numbered 1.. in order (0 on observation
+    and template tokens, and on the padding verl adds), ``agentrl_token_anchors`` that turn's
+    anchor key (:func:`agentrl.trainer.batching.turn_anchor_keys`: the hash of the observation it
+    answers; 0 elsewhere). The turns are the trajectory's own spans, as in the local trainer's batch.
+    """
+    from agentrl.trainer.batching import turn_anchor_keys
+
+    turns, anchors = [0] * (length if width is None else width), [0] * (length if width is None else width)
+    length = min(length, len(turns))
+    numbers = sorted({span.turn for span in trajectory.turns if span.role == "assistant"})
+    keys = dict(zip(numbers, turn_anchor_keys(trajectory)))
+    column = {turn: index + 1 for index, turn in enumerate(numbers)}
+    for span in trajectory.turns:
+        if span.role == "assistant":
+            for position in range(span.start, min(span.end, length)):
+                turns[position], anchors[position] = column[span.turn], keys[span.turn]
+    return {"agentrl_token_turns": turns, "agentrl_token_anchors": anchors}
+
+
+_gigpo_inputs: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("agentrl_gigpo_inputs",
+                                                                                       default=None)
+
+
+@contextlib.contextmanager
+def gigpo_inputs(token_turns: Tensor, token_anchors: Tensor, step_weight: float) -> Iterator[None]:
+    """Hand ``agentrl_gigpo`` the batch's :data:`GIGPO_FIELDS` (``(B, T)``, the rows and padding of
+    the ``response_mask`` verl passes it) and ``step_weight`` while verl's advantage step runs."""
+    token = _gigpo_inputs.set({"token_turns": token_turns, "token_anchors": token_anchors,
+                               "step_weight": step_weight})
+    try:
+        yield
+    finally:
+        _gigpo_inputs.reset(token)
+
+
 def _get(config: Any, key: str, default: Any) -> Any:
     if config is None:
         return default
@@ -96,6 +147,49 @@ def turn_grpo(token_level_rewards: Tensor, response_mask: Tensor, index: Any = N
     per_turn = adv.turn_grpo_advantages(returns, turn_mask.double(), groups,
                                         bool(_get(config, "norm_adv_by_std_in_grpo", True)))
     advantages = (adv.spread_turn_values(per_turn, token_turns) * response_mask).to(token_level_rewards.dtype)
+    return advantages, advantages
+
+
+def gigpo(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None,
+          token_turns: Tensor | None = None, token_anchors: Tensor | None = None, step_weight: float | None = None,
+          **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """``algorithm.adv_estimator=agentrl_gigpo``: :func:`agentrl.algos.advantages.gigpo_advantages`,
+    an episode-level group advantage plus ``step_weight`` times a step-level one within the turns
+    of a group that answer the same observation (anchor state), on per-turn returns
+    ``R_k = sum_{j>=k} gamma^{j-k} r_j``.
+
+    ``algorithm.gamma`` is agentrl's ``algo.gigpo.gamma`` and ``algorithm.norm_adv_by_std_in_grpo``
+    ``algo.norm_std``; ``step_weight`` (``algo.gigpo.step_weight``), ``token_turns`` and
+    ``token_anchors`` (the agent loop's :data:`GIGPO_FIELDS`) come as arguments or from
+    :func:`gigpo_inputs`. A turn's reward is the sum of ``token_level_rewards`` from its first token
+    up to the next turn's, as in :func:`turn_grpo`.
+    """
+    inputs = _gigpo_inputs.get() or {}
+    token_turns = inputs.get("token_turns") if token_turns is None else token_turns
+    token_anchors = inputs.get("token_anchors") if token_anchors is None else token_anchors
+    step_weight = inputs.get("step_weight", 1.0) if step_weight is None else step_weight
+    if token_turns is None or token_anchors is None:
+        raise ValueError("agentrl_gigpo needs each turn's anchor state, which verl's advantage step does not pass: "
+                         "run it under agentrl's trainer (trainer.v1.trainer_mode=agentrl_sync, agentrl_colocate_async "
+                         "or agentrl_separate_async; agentrl train ... algo.advantage=gigpo sets it)")
+    if token_turns.shape != response_mask.shape or token_anchors.shape != response_mask.shape:
+        raise ValueError(f"agentrl_gigpo: the turn fields {tuple(token_turns.shape)} do not line up with the "
+                         f"response mask {tuple(response_mask.shape)}")
+    turns = token_turns.long().to(response_mask.device) - 1  # -1 off the assistant turns
+    counts = turns.max(-1).values + 1 if turns.numel() else torch.zeros(turns.shape[0], dtype=torch.long)
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    turn_mask = (torch.arange(width, device=turns.device).unsqueeze(0) < counts.unsqueeze(-1)).double()
+    rows, positions = (turns >= 0).nonzero(as_tuple=True)
+    anchor_keys = torch.zeros(turn_mask.shape, dtype=torch.long, device=turns.device)
+    anchor_keys[rows, turns[rows, positions]] = token_anchors.long().to(turns.device)[rows, positions]
+    reward_turns = torch.cummax(turns, dim=-1).values.clamp(min=0)  # the latest turn begun at each position
+    turn_rewards = torch.zeros(turn_mask.shape, dtype=torch.float64, device=turns.device).scatter_add_(
+        1, reward_turns, token_level_rewards.double())
+    returns = adv.discounted_turn_returns(turn_rewards, turn_mask, float(_get(config, "gamma", 1.0)))
+    per_turn = adv.gigpo_advantages((turn_rewards * turn_mask).sum(-1), group_codes(index, turns.shape[0]), returns,
+                                    turn_mask, anchor_keys, float(step_weight),
+                                    bool(_get(config, "norm_adv_by_std_in_grpo", True)))
+    advantages = (adv.spread_turn_values(per_turn, turns) * response_mask).to(token_level_rewards.dtype)
     return advantages, advantages
 
 
@@ -201,5 +295,6 @@ def register_all() -> None:
     from verl.trainer.ppo import core_algos
 
     core_algos.register_adv_est("agentrl_turn_grpo")(turn_grpo)
+    core_algos.register_adv_est("agentrl_gigpo")(gigpo)
     for name, function in zip(POLICY_LOSSES, (ppo_clip, clip_cov, kl_cov, sil)):
         core_algos.register_policy_loss(name)(function)

@@ -26,7 +26,12 @@ AGENT_LOOP = "agentrl"
 ESTIMATORS = {  # agentrl's algo.advantage -> verl's algorithm.adv_estimator
     "grpo": "grpo", "dr_grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_plus_plus",
     "reinforce_pp_baseline": "reinforce_plus_plus_baseline", "gae": "gae", "turn_grpo": "agentrl_turn_grpo",
+    "gigpo": "agentrl_gigpo",
 }
+# estimators that need agentrl's registered trainer (agentrl.verl.trainer): verl's mode -> its name
+TRAINER_MODES = {"sync": "agentrl_sync", "colocate_async": "agentrl_colocate_async",
+                 "separate_async": "agentrl_separate_async"}
+NEEDS_AGENTRL_TRAINER = ("gigpo",)
 KL_TYPES = {"k1": "k1", "k2": "mse", "mse": "mse", "low_var_kl": "low_var_kl"}  # verl's "k3" is clamped
 LOGGERS = {"jsonl": "console", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # Keys of the local trainer's own process that verl does not read (defaults aside, they do nothing there).
@@ -54,10 +59,7 @@ def check_supported(config: RunConfig) -> None:
     """Refuse settings that verl 0.9.1 cannot honour, naming the key."""
     algo = config.algo
     if algo.advantage not in ESTIMATORS:
-        reason = ("GiGPO's step groups need each turn's anchor state (the observation it answers), which verl's "
-                  "advantage step does not pass to an estimator; it needs a registered trainer (docs/scale-out.md)"
-                  if algo.advantage == "gigpo" else
-                  "ArCHer's turn-level critic is a second model that verl does not train")
+        reason = "ArCHer's turn-level critic is a second model that verl does not train"
         raise _refuse("algo.advantage", f"{algo.advantage!r} is not available on verl: {reason}; use one of "
                       + ", ".join(ESTIMATORS))
     unsupported = {
@@ -155,10 +157,12 @@ def _loss(config: RunConfig) -> dict[str, Any]:
 
 def _estimator(config: RunConfig) -> dict[str, Any]:
     algo = config.algo
+    gamma = {"turn_grpo": algo.turn_gamma, "gigpo": algo.gigpo.gamma}.get(algo.advantage, algo.gamma)
     settings: dict[str, Any] = {"algorithm.adv_estimator": ESTIMATORS[algo.advantage],
                                 "algorithm.norm_adv_by_std_in_grpo": algo.norm_std and algo.advantage != "dr_grpo",
-                                "algorithm.gamma": algo.turn_gamma if algo.advantage == "turn_grpo" else algo.gamma,
-                                "algorithm.lam": algo.lam}
+                                "algorithm.gamma": gamma, "algorithm.lam": algo.lam}
+    if algo.advantage == "gigpo":  # read by agentrl's trainer, which hands it to agentrl_gigpo
+        settings["+agentrl.gigpo.step_weight"] = algo.gigpo.step_weight
     if algo.kl_coef > 0 and _kl_in_reward(config):
         settings.update({"algorithm.use_kl_in_reward": True, "algorithm.kl_ctrl.kl_coef": algo.kl_coef,
                          "algorithm.kl_penalty": KL_TYPES[algo.kl_reward_type]})
@@ -210,9 +214,12 @@ def verl_overrides(config: RunConfig, data_dir: str | Path) -> list[str]:
         lora = config.model.lora
         settings.update({f"{model}.lora_rank": lora.r, f"{model}.lora_alpha": lora.alpha,
                          f"{model}.target_modules": list(lora.target_modules)})
+    extras = list(enumerate(config.verl.overrides))
+    if config.algo.advantage in NEEDS_AGENTRL_TRAINER:
+        settings["trainer.v1.trainer_mode"], extras = agentrl_trainer_mode(config)
     overrides = [f"{key}={format_value(value)}" for key, value in settings.items()]
     set_keys = {key.lstrip("+") for key in settings}
-    for index, extra in enumerate(config.verl.overrides):
+    for index, extra in extras:
         key = extra.partition("=")[0].strip().lstrip("+~")
         if not key or "=" not in extra:
             raise ConfigError(f"verl.overrides[{index}]: {extra!r} is not key=value")
@@ -221,6 +228,24 @@ def verl_overrides(config: RunConfig, data_dir: str | Path) -> list[str]:
                               "key instead of overriding it")
         overrides.append(extra)
     return overrides
+
+
+def agentrl_trainer_mode(config: RunConfig) -> tuple[str, list[tuple[int, str]]]:
+    """agentrl's registered trainer for verl's ``trainer.v1.trainer_mode`` (``sync`` unless
+    ``verl.overrides`` names another), and the other entries of ``verl.overrides`` with their
+    indices. Its estimator (``agentrl_gigpo``) reads fields that only this trainer passes."""
+    mode, rest = "sync", []
+    for index, extra in enumerate(config.verl.overrides):
+        key, _, value = extra.partition("=")
+        if key.strip().lstrip("+") != "trainer.v1.trainer_mode":
+            rest.append((index, extra))
+            continue
+        mode = value.strip().strip("'\"")
+        if mode not in TRAINER_MODES and mode not in TRAINER_MODES.values():
+            raise ConfigError(f"verl.overrides[{index}]: trainer.v1.trainer_mode={mode!r}: "
+                              f"algo.advantage={config.algo.advantage} runs under agentrl's trainer, which has the "
+                              "modes " + ", ".join(TRAINER_MODES))
+    return TRAINER_MODES.get(mode, mode), rest
 
 
 def format_value(value: Any) -> str:
