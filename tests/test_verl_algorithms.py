@@ -206,7 +206,9 @@ def test_gigpo_under_agentrls_registered_trainer_reads_the_loops_fields_from_tra
     """verl's own v1 advantage step on the composed config, through TransferQueue: the trainer that
     ``algo.advantage=gigpo`` selects fetches the agent loop's turn fields for the batch's keys."""
     from omegaconf import OmegaConf
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
+    from verl.utils.config import validate_config
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     from agentrl.config import build_config
@@ -216,11 +218,16 @@ def test_gigpo_under_agentrls_registered_trainer_reads_the_loops_fields_from_tra
     config = build_config({"algo": {"advantage": "gigpo", "gigpo": {"step_weight": 0.5, "gamma": 0.9}},
                            "trainer": {"backend": "verl", "minibatch_size": 8}, "rollout": {"group_size": 4}})
     verl_config = compose_verl(verl_overrides(config, tmp_path))
+    validate_config(verl_config, use_reference_policy=need_reference_policy(verl_config),
+                    use_critic=need_critic(verl_config))
     OmegaConf.resolve(verl_config)
     assert verl_config.trainer.v1.trainer_mode == "agentrl_sync" and verl_config.agentrl.gigpo.step_weight == 0.5
+    assert (verl_config.algorithm.adv_estimator, verl_config.algorithm.gamma) == ("agentrl_gigpo", 0.9)
     trainer = object.__new__(get_trainer_cls(verl_config.trainer.v1.trainer_mode))  # its advantage step needs no GPU
     trainer.config = verl_config
     assert trainer.trainer_mode == "sync"  # verl's own mode, which verl's code branches on
+    with pytest.raises(ValueError, match="does not name AgentrlTrainerSync"):
+        trainer.trainer_mode = "separate_async"
 
     order = [3, 0, 6, 1, 5, 2, 4]  # stored and fetched in another order than the local batch
     fields = []
