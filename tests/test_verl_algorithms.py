@@ -5,8 +5,7 @@ Registered ones are fetched with verl's ``get_adv_estimator_fn`` / ``get_policy_
 estimator dispatched by verl's own ``compute_advantage``) and must give agentrl's numbers. agentrl's
 GRPO, Dr.GRPO, RLOO, REINFORCE++(-baseline), GAE, PPO clip and Clip-Cov must agree with verl's
 built-ins on random inputs where they are meant to: groups of two or more (verl gives a lone sample
-its raw score, agentrl 0) and, for REINFORCE++, one response span per row (verl restarts its
-return at every masked token, agentrl carries it over observation spans).
+its raw score, agentrl 0), and on the agent loop's outputs of multi-turn trajectories.
 """
 
 from __future__ import annotations
@@ -282,6 +281,40 @@ def test_reinforce_pp_and_its_baseline_variant_agree_with_verls_builtins(seed):
     verl_base, _ = core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage(token_rewards, mask, index)
     torch.testing.assert_close(verl_base, adv.reinforce_pp_baseline_advantages(rewards, group_ids, mask),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_verls_builtins_on_the_loops_multi_turn_outputs_equal_the_local_estimators():
+    """The agent loop's outputs of multi-turn trajectories, one ending in an observation and some
+    with per-turn rewards a sequence-level estimator does not read: verl's GRPO, RLOO, REINFORCE++
+    (and its baseline variant) and GAE returns give the local trainer's numbers."""
+    import copy
+
+    trajectories = [copy.deepcopy(t) for t in ANCHORED]
+    trailing = episode("a4", "a", [1, 2, 3], [2, 2], [[9, 9]], [0.0, 0.0], 1.0)
+    trailing.append_observation_tokens([4, 4], 1)  # the budget ran out after the observation
+    trajectories.append(trailing)
+    outputs = [loop_output(t, Request("r", {}), 0, 64, 64, 0.0, per_turn_rewards=False).as_dict() for t in trajectories]
+    assert outputs[-1]["rm_scores"].tolist() == [0, 0, 0, 0, 0, 0, 1.0, 0, 0]  # on the last model token
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    padded = list_of_dict_to_tensordict([{n: o[n] for n in ("response_mask", "rm_scores")} for o in outputs])
+    padded = padded.to_padded_tensor()
+    rewards, mask = padded["rm_scores"], padded["response_mask"]
+    index = np.array([t.group_id for t in trajectories], dtype=object)
+    batch = collate(trajectories, 0)
+    width = batch.loss_mask.shape[1]
+    for name, verl_name in [("grpo", "grpo"), ("rloo", "rloo"), ("reinforce_pp", "reinforce_plus_plus"),
+                            ("reinforce_pp_baseline", "reinforce_plus_plus_baseline")]:
+        local, _ = compute_advantages(batch, batch.loss_mask, AlgoConfig(advantage=name, gamma=0.9))
+        ours, _ = core_algos.get_adv_estimator_fn(verl_name)(token_level_rewards=rewards, response_mask=mask,
+                                                              index=index, config=VerlAlgoConfig(gamma=0.9))
+        torch.testing.assert_close(ours[:, :width].double(), local.double(), atol=1e-5, rtol=1e-5, msg=name)
+    values = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    _, verl_returns = core_algos.compute_gae_advantage_return(rewards, values, mask, 0.97, 0.9)
+    _, returns = adv.gae_advantages(adv.last_token_rewards(batch.rewards, batch.loss_mask), values[:, :width],
+                                    batch.loss_mask, 0.97, 0.9)
+    valid = batch.loss_mask > 0
+    torch.testing.assert_close(verl_returns[:, :width][valid], returns[valid], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

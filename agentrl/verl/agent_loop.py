@@ -51,7 +51,7 @@ from agentrl.multimodal import (
 from agentrl.rollout import RolloutWorker, short_reason
 from agentrl.tool import InfraError
 from agentrl.trajectory import FAILURE_STATUSES, Trajectory
-from agentrl.verl.algorithms import turn_fields
+from agentrl.verl.algorithms import TURN_LEVEL_ESTIMATORS, turn_fields
 
 CONFIG_ENV = "AGENTRL_CONFIG"  # the run config's path, when the verl config has no agentrl.config
 
@@ -227,8 +227,8 @@ def worker_state(path: str, server_manager: Any, tokenizer: Any, rollout_config:
 
 class AgentrlLoopOutput(AgentLoopOutput):
     """verl's output plus per-turn rewards: ``turn_rewards`` holds ``(position, reward)`` pairs in
-    the response, which :meth:`as_dict` adds to ``rm_scores`` (where ``reward_score`` already sits
-    on the last token), so ``sum(rm_scores)`` is the trajectory's whole reward; and each response
+    the response, which :meth:`as_dict` adds to ``rm_scores`` (where ``reward_score`` sits on the
+    last model token), so ``sum(rm_scores)`` is the trajectory's whole reward; and each response
     token's turn and anchor state (``turn_fields``, :func:`agentrl.verl.algorithms.turn_fields`),
     which :meth:`as_dict` adds as tensors for ``agentrl_gigpo``."""
 
@@ -241,6 +241,12 @@ class AgentrlLoopOutput(AgentLoopOutput):
         output.pop("turn_fields", None)
         for name, values in self.turn_fields.items():
             output[name] = torch.tensor(values, dtype=torch.int64)
+        scores, mask = output.get("rm_scores"), output["response_mask"]
+        if scores is not None and not mask[-1] and mask.any():
+            # verl put the reward on the last token, an observation here: move it to the last model
+            # token, where the local trainer has it (verl's REINFORCE++ and GAE skip masked tokens)
+            last = int(mask.nonzero()[-1])
+            scores[last], scores[-1] = scores[last] + scores[-1], 0.0
         if self.turn_rewards:
             scores = output.get("rm_scores")
             if scores is None:
@@ -261,9 +267,12 @@ def turn_ends(trajectory: Trajectory) -> list[int]:
 
 
 def loop_output(trajectory: Trajectory, request: Request, pad_id: int, prompt_length: int,
-                response_length: int, tool_s: float, images: list[Any] | None = None) -> AgentrlLoopOutput:
+                response_length: int, tool_s: float, images: list[Any] | None = None,
+                per_turn_rewards: bool = True) -> AgentrlLoopOutput:
     """verl's output for a finished trajectory (see the module docstring); ``images`` (every image
-    the model saw, in the order of their blocks in the ids) become ``multi_modal_data["images"]``."""
+    the model saw, in the order of their blocks in the ids) become ``multi_modal_data["images"]``.
+    ``per_turn_rewards=False`` leaves the env's per-turn rewards out of ``rm_scores``: the local
+    trainer's sequence-level estimators read only the trajectory's reward."""
     if len(trajectory.prompt_ids) > prompt_length and trajectory.status not in FAILURE_STATUSES:
         trajectory.status = trajectory.stop_reason = "template_error"
         trajectory.metadata["error"] = (f"the prompt has {len(trajectory.prompt_ids)} tokens, more than verl's "
@@ -278,7 +287,7 @@ def loop_output(trajectory: Trajectory, request: Request, pad_id: int, prompt_le
     if failed:
         mask = [0] * len(mask)
     turn_rewards = []
-    if not failed and trajectory.turn_rewards:
+    if not failed and per_turn_rewards and trajectory.turn_rewards:
         turn_rewards = [(position, float(reward)) for position, reward in zip(turn_ends(trajectory), trajectory.turn_rewards)
                         if position < len(response_ids) and reward]
     reward = 0.0 if failed or trajectory.reward is None else float(trajectory.reward)
@@ -355,4 +364,5 @@ class AgentrlAgentLoop(AgentLoopBase):
         tool_s = sum(call.latency_s for call in trajectory.tool_calls)
         images = trajectory_image_inputs(trajectory).images if trajectory.images else None  # cached on it
         return loop_output(trajectory, request, int(pad_id), int(self.rollout_config.prompt_length),
-                           int(self.rollout_config.response_length), tool_s, images)
+                           int(self.rollout_config.response_length), tool_s, images,
+                           per_turn_rewards=self.state.config.algo.advantage in TURN_LEVEL_ESTIMATORS)

@@ -41,6 +41,8 @@ from agentrl.trajectory import Trajectory
 Tensor = torch.Tensor
 
 ESTIMATORS = ("agentrl_turn_grpo", "agentrl_gigpo")
+# agentrl's algo.advantage values that read the env's per-turn rewards (the others only the trajectory's)
+TURN_LEVEL_ESTIMATORS = ("turn_grpo", "gigpo")
 POLICY_LOSSES = ("agentrl_ppo_clip", "agentrl_clip_cov", "agentrl_kl_cov", "agentrl_sil")
 
 
