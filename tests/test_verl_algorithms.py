@@ -158,6 +158,25 @@ def test_gigpo_through_verls_advantage_step_equals_the_local_estimator(step_weig
     assert not torch.allclose(local, local_gigpo(ANCHORED, 0.0, gamma, norm_std))
 
 
+def test_gigpo_with_the_kl_in_the_reward_equals_the_local_estimator():
+    """verl's ``use_kl_in_reward`` subtracts ``beta * KL`` from the token rewards; each turn's summed
+    KL leaves that turn's reward, as in the local trainer."""
+    fields = loop_fields(ANCHORED)
+    batch = collate(ANCHORED, 0)
+    token_kl = torch.rand(batch.loss_mask.shape, generator=torch.Generator().manual_seed(3))
+    algo = AlgoConfig(advantage="gigpo", kl_coef=0.2, kl_in_reward=True, gigpo=GigpoConfig(step_weight=0.7, gamma=0.9))
+    local, _ = compute_advantages(batch, batch.loss_mask, algo, token_kl=token_kl)
+    kl = torch.zeros_like(fields["rm_scores"])
+    kl[:, : token_kl.shape[1]] = token_kl
+    rewards = fields["rm_scores"] - 0.2 * kl * fields["response_mask"]  # verl's apply_kl_penalty
+    advantages, _ = core_algos.get_adv_estimator_fn("agentrl_gigpo")(
+        token_level_rewards=rewards, response_mask=fields["response_mask"],
+        index=np.array([t.group_id for t in ANCHORED], dtype=object), config=VerlAlgoConfig(gamma=0.9),
+        token_turns=fields["agentrl_token_turns"], token_anchors=fields["agentrl_token_anchors"], step_weight=0.7)
+    torch.testing.assert_close(advantages[:, : local.shape[1]].double(), local.double(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(local, local_gigpo(ANCHORED, 0.7, 0.9, True))
+
+
 def test_gigpo_takes_its_fields_as_arguments_and_refuses_to_run_without_them():
     fields = loop_fields(ANCHORED)
     estimator = core_algos.get_adv_estimator_fn("agentrl_gigpo")
