@@ -9,6 +9,7 @@ greedy, one sample per held-out question.
 
     .venv/bin/python bench/estimators.py                          # 6 methods x 3 seeds, recorded
     .venv/bin/python bench/estimators.py --calibrate               # warm start + eval only
+    .venv/bin/python bench/estimators.py --resume                  # continue a stopped run
     .venv/bin/python bench/estimators.py --methods grpo gigpo --seeds 0 --steps 1 --eval-size 4 --no-record
 
 ``--calibrate`` runs only the warm start (0 RL steps) for the first seed and prints held-out
@@ -147,6 +148,19 @@ def run_one(config: dict, method: str, start: dict, output_dir: Path) -> dict:
     return {"method": method, "seed": start["seed"], "before": start["before"], "after": after, "wall_s": wall_s}
 
 
+def finished(output_dir: Path, resume: bool, run, *args) -> dict:
+    """``run(*args, output_dir)``'s result, kept in ``output_dir/result.json``; with ``resume``, a run whose
+    result is already there is not repeated (a stopped benchmark continues where it was)."""
+    path = output_dir / "result.json"
+    if resume and path.is_file():
+        result = json.loads(path.read_text())
+    else:
+        result = run(*args, output_dir)
+        path.write_text(json.dumps(result) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def spread(values: list[float]) -> str:
     mean = statistics.mean(values)
     deviation = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -201,6 +215,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/bench-estimators")
     parser.add_argument("--calibrate", action="store_true", help="only the warm start and its held-out success")
     parser.add_argument("--no-record", action="store_true", help="do not edit BENCHMARKS.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs that finished before (their result.json), run the rest")
     args = parser.parse_args()
 
     output = ROOT / args.output_dir
@@ -214,13 +230,10 @@ def main() -> None:
         return
     started, results, starts = time.perf_counter(), [], []
     for seed in args.seeds:
-        start = warm_start(config, seed, output / f"warm-start-seed{seed}")
-        print(json.dumps(start), flush=True)
+        start = finished(output / f"warm-start-seed{seed}", args.resume, warm_start, config, seed)
         starts.append(start)
         for method in args.methods:
-            result = run_one(config, method, start, output / f"{method}-seed{seed}")
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            results.append(finished(output / f"{method}-seed{seed}", args.resume, run_one, config, method, start))
     total_s = time.perf_counter() - started
     lines = table(results, args.methods, starts)
     print("\n".join(lines) + f"\ntotal wall time {total_s / 60:.1f} min")
