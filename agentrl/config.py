@@ -207,6 +207,9 @@ class TrainerConfig(Section):
     seed: int = 0
     torch_threads: int | None = Field(None, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocasts the forward passes; weights stay in model.dtype
+    # where the policy, reference, value head or critic, optimizer state and batches live, and the
+    # HF engine samples: auto (CUDA when torch finds it, else the CPU), cpu, cuda or cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     eval_temperature: float = Field(0.0, ge=0.0)
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exactly reproducible runs
     log_entropy: bool = False  # log the policy's token entropy every step (it is computed anyway when in the loss)

@@ -26,10 +26,10 @@ def group_mean_std(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, T
     _, inverse = torch.unique(group_ids, return_inverse=True)
     groups = int(inverse.max()) + 1 if inverse.numel() else 0
     values = values.double()
-    count = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
-    total = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, values)
+    count = values.new_zeros(groups).index_add_(0, inverse, torch.ones_like(values))
+    total = values.new_zeros(groups).index_add_(0, inverse, values)
     mean = total / count
-    squared = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, (values - mean[inverse]) ** 2)
+    squared = values.new_zeros(groups).index_add_(0, inverse, (values - mean[inverse]) ** 2)
     variance = torch.where(count > 1, squared / (count - 1).clamp(min=1), torch.zeros_like(squared))
     return mean[inverse], variance.sqrt()[inverse], count[inverse]
 
@@ -201,7 +201,7 @@ def turn_grpo_advantages(
     two members, or (``norm_std``) whose returns tie within ``tolerance``, gets 0. With the reward
     only at the end and ``gamma = 1`` every column is GRPO on the outcome. Returns ``(B, K)``.
     """
-    advantages = torch.zeros(turn_returns.shape, dtype=torch.float64)
+    advantages = torch.zeros(turn_returns.shape, dtype=torch.float64, device=turn_returns.device)
     for turn in range(turn_returns.shape[1]):
         rows = (turn_mask[:, turn] > 0).nonzero().squeeze(-1)
         if rows.numel() == 0:
@@ -235,7 +235,7 @@ def gigpo_advantages(
     """
     episode = grpo_advantages(rewards.double(), group_ids, norm_std, eps)
     rows, turns = (turn_mask > 0).nonzero(as_tuple=True)
-    step = torch.zeros(turn_returns.shape, dtype=torch.float64)
+    step = torch.zeros(turn_returns.shape, dtype=torch.float64, device=turn_returns.device)
     if rows.numel():
         keys = torch.stack([group_ids[rows].long(), anchor_keys[rows, turns].long()], dim=-1)
         _, step_groups = torch.unique(keys, dim=0, return_inverse=True)

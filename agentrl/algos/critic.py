@@ -148,16 +148,19 @@ def archer_advantages(critic: TurnCritic, state: Tensor, action: Tensor, turn_ma
 
 
 class CriticLearner:
-    """The critic, its target, its optimizer, a FIFO replay buffer of transitions and counters."""
+    """The critic, its target, its optimizer, a FIFO replay buffer of transitions and counters.
+    The heads and their optimizer state live on ``device``; the buffer stays on the CPU (it outlives
+    many steps) and each TD minibatch is moved to the heads."""
 
     def __init__(self, features: int, hidden: int = 256, lr: float = 1e-4, gamma: float = 0.95, tau: float = 0.1,
-                 batch_size: int = 64, buffer_size: int = 4096, seed: int = 0):
+                 batch_size: int = 64, buffer_size: int = 4096, seed: int = 0, device: torch.device | str = "cpu"):
         torch_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # the heads' initialisation is a function of the seed alone
+        torch.manual_seed(seed)  # the heads' initialisation is a function of the seed alone (on any device)
         try:
-            self.critic = TurnCritic(features, hidden)
+            self.critic = TurnCritic(features, hidden).to(device)
         finally:
             torch.random.set_rng_state(torch_state)
+        self.device = torch.device(device)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr)
         self.gamma, self.tau, self.batch_size, self.buffer_size = gamma, tau, batch_size, buffer_size
@@ -181,7 +184,8 @@ class CriticLearner:
         self.critic.train()
         for _ in range(steps):
             rows = torch.randint(size, (min(self.batch_size, size),), generator=generator)
-            loss, logged = td_loss(self.critic, self.target, {k: v[rows] for k, v in self.buffer.items()}, self.gamma)
+            minibatch = {key: value[rows].to(self.device) for key, value in self.buffer.items()}
+            loss, logged = td_loss(self.critic, self.target, minibatch, self.gamma)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)

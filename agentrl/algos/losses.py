@@ -139,7 +139,9 @@ def clip_cov_loss(
     budget = max(int(clip_ratio * int(valid.sum())), 1)
     detached = torch.zeros_like(token_loss)
     if flat.numel():
-        chosen = flat[torch.randperm(flat.numel(), generator=generator, device=flat.device)[:budget]]
+        # drawn on the generator's device (the trainer's is a CPU one), so a seed picks the same tokens anywhere
+        order = torch.randperm(flat.numel(), generator=generator, device=flat.device if generator is None else generator.device)
+        chosen = flat[order[:budget].to(flat.device)]
         detached.view(-1)[chosen] = 1.0
     return token_loss * (1.0 - detached), detached
 

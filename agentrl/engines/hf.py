@@ -1,4 +1,5 @@
 """The transformers engine: batched sampling on the CPU (or one GPU) behind an async interface.
+It samples wherever the model's weights are (the local trainer's ``trainer.device``).
 
 Each ``generate`` call enqueues a request and awaits its result. A background task gathers whatever
 requests are waiting (up to ``max_batch_size``), and the engine's own decode thread runs them as a
@@ -322,7 +323,8 @@ class HFEngine:
         for row, (request, token) in enumerate(zip(requests, sampled)):
             request.token_ids.append(token)
             params = request.params  # the logprob of the distribution the token was drawn from
-            request.logprobs.append(float(sampling_logprobs(logits[row], torch.tensor(token), params.temperature, params.top_p)))
+            request.logprobs.append(float(sampling_logprobs(logits[row], torch.tensor(token, device=logits.device),
+                                                            params.temperature, params.top_p)))
             reason, stop_text = self._finished(request, token)
             if reason is None:
                 keep.append(row)

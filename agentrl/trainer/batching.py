@@ -1,5 +1,8 @@
 """From trajectories to padded tensors, and from a model forward pass to per-token logprobs.
 
+A batch is collated on the CPU; the update and the SFT warm start move it to the model's device
+(``trainer.device``) once, with :meth:`TrainBatch.to`, before any forward pass.
+
 Layout: every row is ``[pad ... prompt | response ... pad]``: prompts are left-padded to a common
 width ``P`` and responses right-padded to ``T``. Response token ``t`` of every row then sits at
 column ``P + t`` and is predicted by the logits at ``P + t - 1``, so the model computes logits for
@@ -93,9 +96,19 @@ class TrainBatch:
     def position_ids(self) -> Tensor:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The batch with every tensor on ``device`` (a vision model's image tensors move when a
+        forward pass takes them, see :func:`forward_response`)."""
+        return TrainBatch(**{item.name: value.to(device) if isinstance(value := getattr(self, item.name), Tensor) else value
+                             for item in fields(self)})
+
     def select(self, rows: Tensor | list[int]) -> TrainBatch:
         """The given rows, with the padding no longer needed by any of them trimmed away."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         prompt_width = int(self.prompt_lengths[rows].max()) if len(rows) else 0
         response_width = int(self.response_lengths[rows].max()) if len(rows) else 0
         drop = self.prompt_width - prompt_width
@@ -180,6 +193,11 @@ def collate(trajectories: list[Trajectory], pad_token_id: int, policy_version: i
         response_lengths=torch.tensor([max(1, len(t.response_ids)) for t in trajectories]),
         image_inputs=[trajectory_image_inputs(t) for t in trajectories] if any(t.images for t in trajectories) else None,
     )
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are: ``trainer.device``, where :func:`agentrl.trainer.local.build_run` put them."""
+    return next(model.parameters()).device
 
 
 @dataclass

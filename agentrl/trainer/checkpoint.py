@@ -257,9 +257,11 @@ def load_weights(model, directory: str | Path) -> None:
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """``training.pt`` loaded with ``weights_only=True``: tensors and plain data only, never an
-    arbitrary object (whose unpickling could run code). Anything else raises :class:`UnsafeCheckpoint`."""
+    arbitrary object (whose unpickling could run code). Anything else raises :class:`UnsafeCheckpoint`.
+    Every tensor is loaded onto the CPU, so a checkpoint written on a GPU loads on a machine without
+    one; the optimizer's and modules' ``load_state_dict`` then copy them to their parameters' device."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
         reason = next((line.split("error:", 1)[1].split(". ")[0].strip() for line in str(error).splitlines()
                        if "WeightsUnpickler error:" in line), "an object torch.load(weights_only=True) refuses")

@@ -1,4 +1,5 @@
-"""The local trainer: one process, the policy on the CPU (or one GPU), the HF engine sharing its module.
+"""The local trainer: one process, the policy on ``trainer.device`` (the CPU or one GPU), the HF engine
+sharing its module.
 
 ``train(config)`` reads top to bottom: build the run, resume or warm-start, evaluate, then repeat
 :func:`train_step` (the recipe's parts: collect -> score -> select -> loss batches -> update ->
@@ -67,9 +68,29 @@ class Run:
     critic: Any = None  # ArCHer's utterance-level critic (agentrl.algos.critic.CriticLearner)
     recipe: Any = None  # the training step's parts (agentrl.recipes)
     state: TrainerState = field(default_factory=TrainerState)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # trainer.device, resolved
 
 
 # -- building ------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device`` as a torch device: ``auto`` is CUDA when torch finds a CUDA device, else
+    the CPU; ``cuda`` or ``cuda:N`` without that device is a :class:`~agentrl.config.ConfigError`."""
+    from agentrl.config import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={name}: torch finds no CUDA device here (torch {torch.__version__}, "
+                              "torch.cuda.is_available() is False); set trainer.device=cpu, or auto to use CUDA "
+                              "where there is one")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"trainer.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
@@ -106,6 +127,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     if trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(trainer.seed)
+    device = resolve_device(trainer.device)
     if model is None:
         model, tokenizer = load_model(config.model.name, config.model.dtype)
     reference = None
@@ -115,6 +137,9 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
         lora = config.model.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    # everything below is created from the model's weights on the device (the reference, the
+    # optimizer state) or on it explicitly (the value head, the critic); the HF engine samples there
+    model.to(device)
     try:
         prepare_master_weights(model, trainer.precision, trainer.lr)
     except ValueError as error:
@@ -138,14 +163,14 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     value_head = None
     parameters = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": trainer.lr}]
     if config.algo.advantage == "gae":
-        value_head = torch.nn.Linear(model.config.hidden_size, 1)
+        value_head = torch.nn.Linear(model.config.hidden_size, 1, device=device)
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
         parameters.append({"params": list(value_head.parameters()), "lr": config.algo.value_lr})
     critic = None
     if config.algo.advantage == "archer":
         archer = config.algo.archer
         critic = critic_lib.CriticLearner(model.config.hidden_size, archer.hidden_size, archer.lr, archer.gamma, archer.tau,
-                                          archer.batch_size, archer.buffer_size, trainer.seed)
+                                          archer.batch_size, archer.buffer_size, trainer.seed, device=device)
     optimizer = torch.optim.AdamW(parameters, betas=trainer.betas, weight_decay=trainer.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer.warmup_steps, trainer.steps, trainer.schedule))
 
@@ -160,7 +185,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     eval_rows = env.load("eval", config.env.eval_data)[: config.env.eval_size]
     eval_tasks = [env.make_task(row, index) for index, row in enumerate(eval_rows)]
     run = Run(config, model, tokenizer, engine, env, executor, worker, eval_worker, optimizer, scheduler,
-              train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic)
+              train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic, device=device)
     run.recipe = get_recipe_class(config.recipe)(run)
     return run
 
@@ -199,9 +224,10 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
 
 
 def release_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps large freed blocks (activations, logits
+    """Hand freed memory back between phases. glibc keeps large freed blocks (activations, logits
     over the vocabulary, the SFT optimizer's state) in its arenas, so without this a CPU run's
-    resident memory carries one phase's high-water mark into the next."""
+    resident memory carries one phase's high-water mark into the next; on CUDA, torch's caching
+    allocator keeps them reserved in the same way."""
     import ctypes
     import ctypes.util
     import gc
@@ -211,6 +237,8 @@ def release_memory() -> None:
     if libc and "libc.so" in libc:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(libc).malloc_trim(0)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # -- evaluation ----------------------------------------------------------------------------------

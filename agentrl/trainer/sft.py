@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from agentrl.trainer.batching import collate, forward_response
+from agentrl.trainer.batching import collate, forward_response, model_device
 from agentrl.trainer.optim import clip_and_step
 from agentrl.trajectory import Trajectory
 
@@ -215,11 +215,15 @@ def sft_train(model, tokenizer, trajectories: list[Trajectory], epochs: int = 1,
               batch_size: int = 8, micro_batch_size: int = 4, max_grad_norm: float = 1.0, seed: int = 0,
               precision: str = "fp32", log: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """Negative log-likelihood of the assistant tokens, averaged over all assistant tokens of each
-    batch (micro-batches accumulate to the same gradient as the whole batch)."""
+    batch (micro-batches accumulate to the same gradient as the whole batch). Runs on the model's
+    device (``trainer.device``): the batch moves there once, the optimizer state is made there, and
+    ``precision="bf16"`` autocasts on it over the fp32 master weights."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    batch = collate(trajectories, tokenizer.pad_token_id)
+    device = model_device(model)
+    batch = collate(trajectories, tokenizer.pad_token_id).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     model.train()
     started, losses = time.perf_counter(), []
     for _ in range(epochs):
@@ -231,8 +235,7 @@ def sft_train(model, tokenizer, trajectories: list[Trajectory], epochs: int = 1,
             total = 0.0
             for micro in range(0, len(rows), micro_batch_size):
                 sub = batch.select(rows[micro : micro + micro_batch_size])
-                context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
-                with context:
+                with autocast:
                     logprobs = forward_response(model, sub).logprobs
                 loss = -(logprobs * sub.loss_mask).sum() / max(tokens, 1.0)
                 loss.backward()

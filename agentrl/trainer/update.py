@@ -8,6 +8,11 @@ their optimizer steps.
   the on-policy ones, its ratio taken against the logprobs stored when the rows were collected.
 
 :func:`update` runs a step's batches in order and reports whether any optimizer step was taken.
+
+Device: a loss batch arrives collated on the CPU; each entry point here (the updates, the scoring
+pass, the Clip-Cov selection) moves it to the model's device (``trainer.device``) first, and every
+tensor made from it is made there. What an update hands back on its :class:`LossBatch`
+(``advantages``, ``old_logprobs``) is on the CPU again, beside the batch it came with.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from agentrl.algos import advantages as adv
 from agentrl.algos import critic as critic_lib
 from agentrl.algos import losses
 from agentrl.config import AlgoConfig, RunConfig
-from agentrl.trainer.batching import TrainBatch, forward_response
+from agentrl.trainer.batching import TrainBatch, forward_response, model_device
 from agentrl.trainer.estimators import (
     compute_advantages,
     covariance_selected,
@@ -105,6 +110,10 @@ def update(run: Any, parts: list[LossBatch], step: int) -> dict[str, float]:
         else:
             raise ValueError(f"unknown loss batch kind {part.kind!r}; use policy or replay")
         stepped |= "update/skipped" not in result
+        if part.advantages is not None:  # handed back on the CPU, beside the batch (a recipe may keep them)
+            part.advantages = part.advantages.cpu()
+        if part.old_logprobs is not None:
+            part.old_logprobs = part.old_logprobs.cpu()
         prefix = "" if part.name == "policy" else f"{part.name}/"
         metrics.update({key if key.startswith(prefix) else f"{prefix}{key}": value for key, value in result.items()
                         if not (prefix and key == "update/skipped")})
@@ -114,8 +123,9 @@ def update(run: Any, parts: list[LossBatch], step: int) -> dict[str, float]:
 
 
 def autocast(run: Any):
+    """bf16 compute over the fp32 master weights (``trainer.precision=bf16``) on the model's device."""
     if run.config.trainer.precision == "bf16":
-        return torch.autocast(device_type=next(run.model.parameters()).device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=model_device(run.model).type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -140,16 +150,18 @@ def sampling_options(config: RunConfig, part: LossBatch | None = None) -> dict[s
 @torch.no_grad()
 def score_batch(run: Any, batch: TrainBatch, algo: AlgoConfig | None = None, part: LossBatch | None = None):
     """Logprobs of the current policy before the update (PPO's pi_old), the reference's, values, and
-    for ArCHer the turn-boundary features ``(state, action)``, each ``(B, K, H)``."""
-    shape, sampling = batch.response_ids.shape, sampling_options(run.config, part)
-    old, values = torch.zeros(shape), torch.zeros(shape) if run.value_head is not None else None
+    for ArCHer the turn-boundary features ``(state, action)``, each ``(B, K, H)``; on the model's device."""
+    batch = batch.to(model_device(run.model))
+    shape, sampling, device = batch.response_ids.shape, sampling_options(run.config, part), batch.device
+    old = torch.zeros(shape, device=device)
+    values = torch.zeros(shape, device=device) if run.value_head is not None else None
     algo = algo or run.config.algo
-    reference = torch.zeros(shape) if algo.kl_coef > 0 else None
+    reference = torch.zeros(shape, device=device) if algo.kl_coef > 0 else None
     features = None
     if run.critic is not None:
         size = (batch.size, batch.turn_mask.shape[1], run.model.config.hidden_size)
-        features = (torch.zeros(size), torch.zeros(size))
-    for rows in micro_batches(torch.arange(batch.size), run.config.trainer.micro_batch_size):
+        features = (torch.zeros(size, device=device), torch.zeros(size, device=device))
+    for rows in micro_batches(torch.arange(batch.size, device=device), run.config.trainer.micro_batch_size):
         sub = batch.select(rows)
         width = sub.response_ids.shape[1]
         with autocast(run):
@@ -180,7 +192,7 @@ def single_update(config: RunConfig, batch_size: int, algo: AlgoConfig | None = 
 def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
     """PPO epochs over shuffled minibatches of an on-policy batch, gradients accumulated over
     micro-batches. Fills ``part.advantages`` and ``part.old_logprobs`` (pi_old)."""
-    config, algo, batch = run.config, part.algo or run.config.algo, part.batch
+    config, algo, batch = run.config, part.algo or run.config.algo, part.batch.to(model_device(run.model))
     loss_mask = batch.loss_mask
     kl_in_reward = kl_goes_in_reward(algo)
     if single_update(config, batch.size, algo):
@@ -189,7 +201,7 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
         old = reference = old_values = features = None
     else:
         old, reference, old_values, features = score_batch(run, batch, algo, part)
-    seen_old = torch.zeros(batch.response_ids.shape) if old is None else old
+    seen_old = torch.zeros(batch.response_ids.shape, device=batch.device) if old is None else old
     critic_metrics, turn_advantages = {}, None
     if run.critic is not None:
         critic_metrics, turn_advantages = train_critic(run, batch, features, step)
@@ -295,15 +307,16 @@ def minibatch_covariance_selection(run: Any, batch: TrainBatch, minibatch: torch
                                    algo: AlgoConfig | None = None, part: LossBatch | None = None) -> torch.Tensor:
     """``(B, T)``: the Clip-Cov/KL-Cov tokens of ``minibatch``, chosen from a no-grad pass of the
     current policy over the whole minibatch (so ``micro_batch_size`` stays a memory knob only)."""
-    config = run.config
-    current = torch.zeros(batch.response_ids.shape)
+    config, batch = run.config, batch.to(model_device(run.model))
+    advantages, old = advantages.to(batch.device), None if old is None else old.to(batch.device)
+    current = torch.zeros(batch.response_ids.shape, device=batch.device)
     for rows in micro_batches(minibatch, config.trainer.micro_batch_size):
         sub = batch.select(rows)
         with autocast(run):
             current[rows, : sub.response_ids.shape[1]] = forward_response(run.model, sub,
                                                                           **sampling_options(config, part)).logprobs
     anchor = current[minibatch] if old is None else old[minibatch]
-    selected = torch.zeros(batch.response_ids.shape)
+    selected = torch.zeros(batch.response_ids.shape, device=batch.device)
     selected[minibatch] = covariance_selected(current[minibatch], anchor, advantages[minibatch],
                                               batch.loss_mask[minibatch], algo or config.algo, generator)
     return selected
@@ -326,9 +339,10 @@ def update_replay(run: Any, part: LossBatch, step: int) -> dict[str, float]:
     from agentrl.algos.spear import sil_loss
 
     config, algo, spear = run.config, part.algo or run.config.algo, run.config.spear
-    batch, loss_mask = part.batch, part.batch.loss_mask
-    old = part.old_logprobs
-    advantages = part.advantages if part.advantages.dim() == 2 else part.advantages[:, None] * (loss_mask > 0)
+    batch = part.batch.to(model_device(run.model))
+    loss_mask, old, advantages = batch.loss_mask, part.old_logprobs, part.advantages.to(batch.device)
+    advantages = advantages if advantages.dim() == 2 else advantages[:, None] * (loss_mask > 0)
+    old = None if old is None else old.to(batch.device)
     if old is None or old.shape != loss_mask.shape or advantages.shape != loss_mask.shape:
         raise ValueError(f"a replay batch needs old logprobs and advantages shaped like its loss mask {tuple(loss_mask.shape)}")
     generator = torch.Generator().manual_seed(config.trainer.seed * 100_043 + step)
