@@ -100,12 +100,10 @@ def build_tiny_vision_model(tokenizer: Any, seed: int = 0, hidden_size: int = 64
     real Idefics3 one: an image is resized to a longest edge of ``2 * image_size``, split into
     tiles of ``image_size`` plus a global view, each with its row/column tag.
     """
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    # from its module: transformers < 5.11's lazy top-level name asks for torchvision, which the class does not use
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
     tokenizer.chat_template = VISION_CHAT_TEMPLATE

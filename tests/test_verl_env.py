@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 VERL_PYTHON = Path(os.environ.get("AGENTRL_VERL_PYTHON", ROOT / ".venv-verl" / "bin" / "python"))
 VERL_TESTS = ["tests/test_verl_plugin.py", "tests/test_verl_algorithms.py", "tests/test_verl_data.py",
-              "tests/test_verl_agent_loop.py", "tests/test_verl_ray.py"]
+              "tests/test_verl_agent_loop.py", "tests/test_verl_multimodal.py", "tests/test_verl_ray.py"]
 
 
 def verl_python() -> Path:

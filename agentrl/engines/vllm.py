@@ -33,7 +33,7 @@ ids with ``content_parts`` (the images as PNG data URLs) and renders them as a `
 ``multi_modal_data``. vLLM 0.32's multimodal processor always expands each ``<image>`` it finds
 into that image's block (``_apply_prompt_updates``; it has no test for blocks already expanded), so
 the engine sends agentrl's ids with each image's block collapsed back to its one ``<image>``
-(:func:`collapse_image_blocks`), asks for the expanded prompt back (``return_token_ids``) and
+(:func:`agentrl.engines.vllm_images.collapse_image_blocks`), asks for the expanded prompt back (``return_token_ids``) and
 refuses a result whose prompt differs from agentrl's ids by one token. The image placeholder gets a
 logit bias of -1e9, as :func:`agentrl.multimodal.mask_unsampled` gives it in the HF engine and the
 trainer, so it is never sampled and the logprobs are those of the same distribution.
@@ -58,8 +58,9 @@ from typing import Any
 import httpx
 
 from agentrl.engines.base import GenerationResult, SamplingParams
-from agentrl.engines.openai import EngineRequestError, OpenAIEngine, _finish
-from agentrl.multimodal import ImageInputs, process_image, processor_for, unsampled_token_ids
+from agentrl.engines.openai import OpenAIEngine
+from agentrl.engines.vllm_images import collapse_image_blocks, parse_generate, vision_parts
+from agentrl.multimodal import ImageInputs, process_image
 
 SERVED_MODEL_NAME = "policy"
 VLLM_VENV = ".venv-vllm"
@@ -268,6 +269,9 @@ class VLLMEngine(OpenAIEngine):
     it samples exactly the trainer's policy. Setting ``policy_version`` from outside (a resumed run
     loads a checkpoint into the module, then sets the version it holds) sends the module's weights
     again before the next request.
+
+    A vision-language model (a processor attached to ``tokenizer``, or a ``model_dir`` whose config
+    has a ``vision_config``) also takes ``generate(..., images=ImageInputs)``; see the module docstring.
     """
 
     def __init__(self, module=None, tokenizer=None, *, model_dir: str | Path | None = None, dtype: str = "float32",
@@ -280,6 +284,9 @@ class VLLMEngine(OpenAIEngine):
                                  seed=seed, kv_cache_gib=kv_cache_gib, threads=threads,
                                  startup_timeout_s=startup_timeout_s, python=python)
         self.module = module
+        self.processor, self.unsampled_token_ids = vision_parts(module, tokenizer, model_dir)
+        self.vllm_server.multimodal = self.processor is not None
+        self._image_blocks: dict[tuple[int, int], list[int]] = {}
         self._weights_lock = threading.Lock()
         self._policy_version = 0
         self._weights_stale = False
@@ -302,11 +309,26 @@ class VLLMEngine(OpenAIEngine):
         directory = self.vllm_server.workdir / "model"
         directory.mkdir()
         base.config.save_pretrained(directory)
+        self._name_architecture(directory, type(base).__name__)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
+        if self.processor is not None:  # vLLM renders the images with the same processor
+            self.processor.save_pretrained(directory)
         self._write_weights(policy_state_dict(module), directory)
         return directory
+
+    @staticmethod
+    def _name_architecture(directory: Path, name: str) -> None:
+        """A model built from its config (not loaded) saves a config without ``architectures``, and
+        vLLM then serves it as a pooling model (no ``generate`` task): name the module's class."""
+        import json
+
+        path = directory / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not config.get("architectures"):
+            config["architectures"] = [name]
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @property
     def policy_version(self) -> int:
@@ -317,7 +339,9 @@ class VLLMEngine(OpenAIEngine):
         self._policy_version = version
         self._weights_stale = self.module is not None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       images: ImageInputs | None = None) -> GenerationResult:
+        """``images``: the images whose blocks ``prompt_ids`` holds, in order (vision-language models)."""
         if self._weights_stale:
             import asyncio
 
@@ -326,7 +350,46 @@ class VLLMEngine(OpenAIEngine):
             from agentrl.tool import InfraError
 
             raise InfraError(f"the vLLM server has exited:\n{self.vllm_server.log_tail()}")
-        return await super().generate(prompt_ids, params)
+        if self.processor is None:
+            if images:
+                raise ValueError("this vLLM engine serves a text-only model and cannot take images")
+            return await super().generate(prompt_ids, params)
+        return await self._generate_with_images(prompt_ids, params, images or ImageInputs())
+
+    async def _generate_with_images(self, prompt_ids: list[int], params: SamplingParams,
+                                    images: ImageInputs) -> GenerationResult:
+        """A vision-language model's request through ``/inference/v1/generate`` (module docstring)."""
+        from agentrl.client import encode_image
+
+        version = self.policy_version
+        await self._read_model_info()
+        max_tokens = self._max_tokens(prompt_ids, params)
+        if max_tokens <= 0:
+            return GenerationResult([], [], "length", policy_version=version)  # the context is full
+        blocks = [self._image_block(image) for image in images.images]
+        sampling: dict[str, Any] = {
+            "max_tokens": max_tokens, "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0,
+            "include_stop_str_in_output": True, "skip_special_tokens": False,
+            "logit_bias": {str(token): -1e9 for token in self.unsampled_token_ids}}
+        if params.stop:
+            sampling["stop"] = list(params.stop)
+        if params.seed is not None:
+            sampling["seed"] = params.seed
+        body = {"model": self.model, "return_token_ids": True, "sampling_params": sampling,
+                "token_ids": collapse_image_blocks(prompt_ids, blocks, self.processor.image_token_id)}
+        if images.images:
+            body["content_parts"] = [{"type": "image_url", "url": f"data:image/png;base64,{encode_image(image)}"}
+                                     for image in images.images]
+        return parse_generate(await self._post("/inference/v1/generate", body), version, prompt_ids)
+
+    def _image_block(self, image: Any) -> list[int]:
+        """The ids the processor expands one image's placeholder into. For Idefics3 they depend on
+        the image's size only (its tiling), so they are computed once per size; the server's own
+        expansion is checked against the prompt ids on every request all the same."""
+        size = (image.width, image.height)
+        if size not in self._image_blocks:
+            self._image_blocks[size] = process_image(self.processor, image)[0]
+        return self._image_blocks[size]
 
     def update_weights(self, state_dict: dict | None = None) -> None:
         """Send ``state_dict`` (default: the module's weights) to the server; the next requests
