@@ -71,11 +71,13 @@ CROP = '<tool_call>{"name": "image", "arguments": {"operation": "crop", "box": [
 
 
 class ScriptThenModel:
-    """Scripted tool calls for the first turns, then the real HF engine; every request (its ids and
-    its images) is recorded. One trajectory at a time."""
+    """Scripted tool calls for the first turns, then a real engine (HF, or a vLLM server that
+    outlives the trajectory: ``close_engine=False``); every request (its ids and its images) is
+    recorded. One trajectory at a time."""
 
-    def __init__(self, engine: HFEngine, tokenizer, actions: list[str]):
+    def __init__(self, engine, tokenizer, actions: list[str], close_engine: bool = True):
         self.engine, self.tokenizer, self.actions = engine, tokenizer, list(actions)
+        self.close_engine = close_engine
         self.policy_version = 0
         self.requests: list[tuple[list[int], ImageInputs | None]] = []
 
@@ -90,7 +92,8 @@ class ScriptThenModel:
         pass
 
     async def close(self):
-        await self.engine.close()
+        if self.close_engine:
+            await self.engine.close()
 
 
 def run_one(engine, tokenizer, **rollout) -> Trajectory:

@@ -9,7 +9,6 @@ sizes that are multiples of 32, and the 64-wide ``tiny-smolvlm`` has heads of 16
 
 import asyncio
 import copy
-import os
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from PIL import Image
 
 from agentrl.algos.sampling import sampling_logprobs
 from agentrl.config import RolloutConfig
-from agentrl.engines.base import GenerationResult, SamplingParams
+from agentrl.engines.base import SamplingParams
 from agentrl.engines.hf import HFEngine
 from agentrl.engines.openai import EngineRequestError
 from agentrl.executor import ToolExecutor
@@ -31,20 +30,13 @@ from agentrl.multimodal import (
 )
 from agentrl.rollout import RolloutWorker
 from agentrl.trainer.batching import collate, forward_response
-from tests.test_multimodal import ZOOM, PictureEnv, find, picture
+from tests.helpers.vllm import require_vllm
+from tests.test_multimodal import ZOOM, PictureEnv, ScriptThenModel, find, picture
 
-try:
-    from agentrl.engines.vllm import VLLMEngine, vllm_python
-    from agentrl.engines.vllm_images import collapse_image_blocks
+require_vllm()
 
-    VLLM_PYTHON = vllm_python()
-except Exception as error:  # the reason is the skip message
-    VLLM_PYTHON, REASON = None, str(error)
-
-if VLLM_PYTHON is None:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI installs vLLM (scripts/setup.sh) but it is missing: {REASON}")
-    pytest.skip(f"no vLLM environment: {REASON}", allow_module_level=True)
+from agentrl.engines.vllm import VLLMEngine  # noqa: E402
+from agentrl.engines.vllm_images import collapse_image_blocks  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # one real server for the module
 
@@ -70,30 +62,8 @@ def engine(vision):
     assert not engine.vllm_server.alive()
 
 
-class ScriptThenVLLM:
-    """Scripted tool calls for the first turns, then the vLLM engine; records every request."""
-
-    def __init__(self, engine: VLLMEngine, tokenizer, actions: list[str]):
-        self.engine, self.tokenizer, self.actions = engine, tokenizer, list(actions)
-        self.policy_version = 0
-        self.requests: list[tuple[list[int], ImageInputs | None]] = []
-
-    async def generate(self, prompt_ids, params: SamplingParams, images: ImageInputs | None = None):
-        self.requests.append((list(prompt_ids), images))
-        if self.actions:
-            ids = self.tokenizer.encode(self.actions.pop(0), add_special_tokens=False)
-            return GenerationResult(ids, [-0.5] * len(ids), "stop", "</tool_call>", 0)
-        return await self.engine.generate(prompt_ids, params, images=images)
-
-    def update_weights(self, state_dict=None):
-        pass
-
-    async def close(self):
-        pass  # the module's server outlives each trajectory
-
-
 def run_one(engine, tokenizer, actions, **rollout):
-    scripted = ScriptThenVLLM(engine, tokenizer, actions)
+    scripted = ScriptThenModel(engine, tokenizer, actions, close_engine=False)
     config = RolloutConfig(**{"group_size": 1, "max_turns": 2, "max_new_tokens": 64, "max_response_tokens": 600,
                               "group_retries": 0, **rollout})
     worker = RolloutWorker(scripted, tokenizer, PictureEnv(), ToolExecutor(["image"]), config)

@@ -6,7 +6,6 @@ weight updates without a restart, no server left behind by a killed trainer, and
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -23,18 +22,11 @@ from agentrl.algos.sampling import sampling_logprobs
 from agentrl.engines.base import SamplingParams
 from agentrl.engines.hf import HFEngine
 from agentrl.models import EMBEDDED_MODEL, load_model, tiny_model
+from tests.helpers.vllm import require_vllm
 
-try:
-    from agentrl.engines.vllm import VLLMEngine, policy_state_dict, vllm_python
+require_vllm()
 
-    VLLM_PYTHON = vllm_python()
-except Exception as error:  # the reason is the skip message
-    VLLM_PYTHON, REASON = None, str(error)
-
-if VLLM_PYTHON is None:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI installs vLLM (scripts/setup.sh) but it is missing: {REASON}")
-    pytest.skip(f"no vLLM environment: {REASON}", allow_module_level=True)
+from agentrl.engines.vllm import VLLMEngine, policy_state_dict  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # each test starts or uses a real server
 
