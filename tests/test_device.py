@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 import agentrl
 from agentrl.config import ConfigError, build_config
-from agentrl.trainer.batching import collate, forward_response
+from agentrl.trainer.batching import collate, forward_response, model_device
 from agentrl.trainer.local import build_run, close_run, resolve_device, train, train_step
 from agentrl.trainer.sft import sft_warm_start
 from agentrl.trainer.update import LossBatch, update
@@ -186,7 +186,7 @@ def test_the_check_catches_a_batch_left_where_it_was_collated(tmp_path, tiny_mod
         with DeviceCheck() as check:
             check.watch(run.model)
             batch = collate(trajectories, run.tokenizer.pad_token_id)
-            device_batch = batch.to(run.device)
+            device_batch = batch.to(model_device(run.model))
             forward_response(run.model, device_batch)
             assert check.violations == []
             forward_response(run.model, batch)  # not moved
@@ -228,7 +228,7 @@ def test_one_step_keeps_every_tensor_on_the_configured_device(name, tmp_path, ti
                 metrics, trajectories = train_step(run)
                 if name.endswith("replay"):
                     policy = collate(trajectories, run.tokenizer.pad_token_id, run.engine.policy_version)
-                    moved = policy.to(run.device)
+                    moved = policy.to(model_device(run.model))
                     with torch.no_grad():
                         old = forward_response(run.model, moved).logprobs * moved.loss_mask
                     # stored on the CPU, as SPEAR's replay buffer keeps them
@@ -240,7 +240,7 @@ def test_one_step_keeps_every_tensor_on_the_configured_device(name, tmp_path, ti
                 raise AssertionError(f"{error}\nviolations so far: {check.violations}") from error
         assert check.violations == []
         assert check.forward_inputs > 0 and "update/skipped" not in metrics and metrics["grad_norm"] > 0
-        assert run.device == configured
+        assert model_device(run.model) == configured
         placed = list(placed_tensors(run))
         assert any(key.startswith("optimizer") for key, _ in placed)  # the step made the optimizer state
         assert [(key, t.device) for key, t in placed if t.device != configured or isinstance(t, OnTheCPU)] == []

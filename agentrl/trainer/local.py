@@ -68,7 +68,6 @@ class Run:
     critic: Any = None  # ArCHer's utterance-level critic (agentrl.algos.critic.CriticLearner)
     recipe: Any = None  # the training step's parts (agentrl.recipes)
     state: TrainerState = field(default_factory=TrainerState)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # trainer.device, resolved
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ def build_run(config: RunConfig, model=None, tokenizer=None) -> Run:
     eval_rows = env.load("eval", config.env.eval_data)[: config.env.eval_size]
     eval_tasks = [env.make_task(row, index) for index, row in enumerate(eval_rows)]
     run = Run(config, model, tokenizer, engine, env, executor, worker, eval_worker, optimizer, scheduler,
-              train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic, device=device)
+              train_rows, eval_tasks, asyncio.new_event_loop(), value_head, reference, critic=critic)
     run.recipe = get_recipe_class(config.recipe)(run)
     return run
 
