@@ -272,11 +272,13 @@ class HFEngine:
             past = getattr(output, self._cache_arg)
             next_tokens, keep, finished = self._step(active, output.logits[:, -1, :], version)
             keep = self._live(active, keep)
-            yield from finished
+            # the batch state is updated before the finished rows are resolved, so a caller
+            # that sees its result never sees the cache it has just left
             if len(keep) < len(active):
                 if not keep:
                     active, past, attention_mask, tokens = [], None, None, None
                     self.cache_width = 0
+                    yield from finished
                     continue
                 index = torch.tensor(keep, device=device)
                 past.batch_select_indices(index)
@@ -285,6 +287,7 @@ class HFEngine:
                 active = [active[i] for i in keep]
             tokens = next_tokens
             self.cache_width = attention_mask.shape[1]
+            yield from finished
 
     def _live(self, requests: list[_Request], keep: list[int]) -> list[int]:
         """The rows of ``keep`` whose request is still awaited: a cancelled request's row leaves
