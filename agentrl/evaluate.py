@@ -60,6 +60,8 @@ async def evaluate_tasks(worker: RolloutWorker, tasks: list[Task], seed: int = 0
 def build_engine(config: RunConfig) -> tuple[Any, Any]:
     """The engine and tokenizer a config asks for. With ``rollout.engine=openai`` the tokenizer is
     ``model.name``'s, which must be the served model's tokenizer."""
+    import torch
+
     from agentrl.models import load_model, load_tokenizer
 
     rollout = config.rollout
@@ -70,8 +72,13 @@ def build_engine(config: RunConfig) -> tuple[Any, Any]:
 
         return OpenAIEngine(rollout.engine_url, rollout.engine_model), load_tokenizer(config.model.name)
     from agentrl.engines import build_engine as build_rollout_engine
+    from agentrl.trainer.local import resolve_device
 
-    model, tokenizer = load_model(config.model.name, config.model.dtype)  # hf, or vllm serving this model
+    if config.trainer.torch_threads:
+        torch.set_num_threads(config.trainer.torch_threads)
+    # the HF engine samples where the weights are (trainer.device); vLLM serves a copy of its own
+    device = resolve_device(config.trainer.device) if rollout.engine == "hf" else torch.device("cpu")
+    model, tokenizer = load_model(config.model.name, config.model.dtype, device=str(device))
     return build_rollout_engine(config, model.eval(), tokenizer), tokenizer
 
 

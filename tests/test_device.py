@@ -292,3 +292,19 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, tiny_model_d
     data["trainer"]["steps"] = 2
     state = train(build_config({**data, "resume": True}))
     assert state.step == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_eval_loads_the_policy_where_trainer_device_says_with_its_threads(tmp_path, tiny_model_dir):
+    from agentrl.evaluate import build_engine
+
+    with pytest.raises(ConfigError, match=r"trainer\.device=cuda: torch finds no CUDA device"):
+        build_engine(build_config(base_config(tmp_path, tiny_model_dir, trainer={"device": "cuda"})))
+    threads = torch.get_num_threads()
+    try:
+        config = build_config(base_config(tmp_path, tiny_model_dir, trainer={"device": "cpu", "torch_threads": 1}))
+        engine, _ = build_engine(config)
+        assert model_device(engine.model) == torch.device("cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
