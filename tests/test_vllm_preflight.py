@@ -2,6 +2,7 @@
 line that names the setting and the fix (`bash scripts/setup.sh`). No vLLM server starts here."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agentrl.config import ConfigError, load_config
-from agentrl.engines.vllm import VLLM_VENV
+from agentrl.engines.vllm import VLLM_VENV, VLLMServer, worker_threads
 from agentrl.preflight import check_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +75,17 @@ def test_agentrl_train_stops_before_loading_the_model(tmp_path):
 def test_the_environment_setup_makes_passes(monkeypatch):
     monkeypatch.delenv("AGENTRL_VLLM_PYTHON", raising=False)
     check_run(quickstart("rollout.engine=vllm"), probe_urls=False)
+
+
+def test_the_vllm_worker_leaves_a_core_to_the_scheduler_process(tmp_path):
+    assert worker_threads(2, cores=2) == 1  # trainer.torch_threads=2 on two cores
+    assert worker_threads(8, cores=4) == 3
+    assert worker_threads(2, cores=16) == 2
+    assert worker_threads(4, cores=1) == 1
+    server = VLLMServer(tmp_path, threads=64, python=sys.executable)
+    try:
+        environment = server.environment()
+    finally:
+        shutil.rmtree(server.workdir)
+    assert environment["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))
+    assert environment["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

@@ -125,6 +125,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def worker_threads(requested: int, cores: int | None = None) -> int:
+    """OpenMP threads for vLLM's CPU worker: ``requested``, less the core that vLLM's scheduler
+    process needs beside it (vLLM reserves one itself when it binds threads), at least one.
+
+    Without it, ``trainer.torch_threads=2`` on two cores gives the worker both, the scheduler
+    preempts one of them at every step, and each parallel region waits a time slice at its barrier:
+    decoding runs many times slower than with one thread.
+    """
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, min(requested, cores - 1))
+
+
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, started and stopped by us.
 
@@ -168,7 +180,7 @@ class VLLMServer:
                    PYTHONUNBUFFERED="1")  # the log shows what happened up to now
         env.pop("VIRTUAL_ENV", None)
         if self.threads:
-            env.update(OMP_NUM_THREADS=str(self.threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
+            env.update(OMP_NUM_THREADS=str(worker_threads(self.threads)), VLLM_CPU_OMP_THREADS_BIND="nobind")
         return env
 
     def start(self) -> None:
