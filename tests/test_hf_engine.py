@@ -2,6 +2,7 @@
 
 import asyncio
 import copy
+import os
 
 import pytest
 import torch
@@ -134,7 +135,12 @@ def test_concurrent_requests_run_as_batches(tiny_model, tokenizer):
     results = run(main())
     assert all(len(r.token_ids) == 8 for r in results)
     assert engine.batch_sizes == {32: 1}
-    assert engine.forward_calls == 8  # one prefill plus seven decode steps for all 32 together
+    # for all 32 together: their chat template's shared opening once, then the rows' own tokens,
+    # then seven decode steps
+    assert engine.forward_calls == 1 + 1 + 7
+    shared = len(os.path.commonprefix(prompts))
+    assert shared >= 8
+    assert engine.prefill_tokens == shared + 32 * (max(map(len, prompts)) - shared)
 
 
 def test_seeded_sampling_is_reproducible_regardless_of_batch(tiny_model, tokenizer):
@@ -293,8 +299,9 @@ def test_a_cancelled_request_stops_decoding_and_leaves_the_batch(tiny_model, tok
         # update_weights waits for the running batch: it returns once no row is left decoding
         await asyncio.wait_for(asyncio.to_thread(engine.update_weights), 120)
         assert engine.batch_sizes == {2: 1}
-        # one prefill plus the kept row's 29 decode steps, not the cancelled row's 400
-        assert engine.forward_calls <= 1 + 29, engine.forward_calls
+        # the prefill (the shared chat opening, then each row) plus the kept row's 29 decode
+        # steps, not the cancelled row's 400
+        assert engine.forward_calls <= 2 + 29, engine.forward_calls
         assert engine.rows_cancelled == 1
         return result.token_ids
 
@@ -352,3 +359,52 @@ def test_drain_returns_once_cancelled_requests_have_left_the_decode_thread(tiny_
     calls = run(main())
     assert calls == engine.forward_calls < 100  # nothing decodes after drain; the 400-token budgets were abandoned
     assert engine.rows_cancelled == len(PROMPTS) and engine.cache_width == 0
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_no_output(tiny_model, tokenizer):
+    instructions = " ".join(["Answer with the fewest words you can, and search before you answer."] * 6)
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": instructions},
+                                              {"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+               for text in PROMPTS]
+    shared = len(os.path.commonprefix(prompts))
+    assert shared > 60 and len({len(p) for p in prompts}) == len(prompts)
+    budgets = [6, 12, 3, 20]  # rows leave at different steps: the cache is compacted each time
+
+    async def alone():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        return [await engine.generate(p, SamplingParams(max_new_tokens=n, temperature=0.7, seed=i))
+                for i, (p, n) in enumerate(zip(prompts, budgets))]
+
+    async def together():
+        engine = HFEngine(tiny_model, tokenizer)
+        engine.eos_token_ids = set()
+        results = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=n, temperature=0.7, seed=i))
+                                         for i, (p, n) in enumerate(zip(prompts, budgets))))
+        assert engine.batch_sizes == {4: 1}
+        assert engine.prefill_tokens == shared + 4 * (max(map(len, prompts)) - shared)
+        assert engine.cache_width == 0
+        return results
+
+    single, batched = run(alone()), run(together())
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    for a, b in zip(batched, single):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_compacting_the_cache_keeps_each_row_and_its_order():
+    from transformers.cache_utils import DynamicCache
+
+    from agentrl.engines.hf import _compact
+
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    keys = torch.arange(3 * 6, dtype=torch.float).reshape(3, 1, 6, 1)
+    cache = DynamicCache()
+    cache.update(keys.clone(), -keys.clone(), 0)
+    compacted = _compact(cache, mask)
+    assert compacted.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    layer = cache.layers[0]
+    attended = [[k for k, m in zip(row, row_mask) if m] for row, row_mask in zip(layer.keys[:, 0, :, 0].tolist(), compacted)]
+    assert attended == [[0, 1, 4, 5], [6, 7, 9, 10, 11], [15, 16, 17]]
+    assert torch.equal(layer.values, -layer.keys)

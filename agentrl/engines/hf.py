@@ -13,6 +13,11 @@ long gone. The event loop stays free for tool calls while the batch decodes. Req
 while a batch decodes join it at the next step (continuous batching): they are prefilled on their
 own and their KV cache is stacked onto the running one.
 
+Prompts prefilled together compute the tokens they all open with once (the chat template's system
+turn, a task's instructions, a group's question): that prefix's cache is shared by every row and
+only each row's own tokens are prefilled. On the CPU in float32 the forward passes run through
+oneDNN with packed weights (:mod:`agentrl.engines.packed`), repacked whenever a weight changes.
+
 A vision-language model's request carries its images (:class:`agentrl.multimodal.ImageInputs`:
 each image's processed tensors, in the order of their blocks of image tokens in the prompt ids).
 They enter the prefill only: the rows' tensors are stacked in row order, the order the model fills
@@ -26,6 +31,7 @@ same quantity the trainer's forward pass computes, so importance ratios start at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import queue
 import threading
@@ -34,10 +40,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from agentrl.algos.sampling import sampling_logprobs
+from agentrl.engines import packed
 from agentrl.engines.base import GenerationResult, SamplingParams
 from agentrl.multimodal import ImageInputs, mask_unsampled, model_inputs, unsampled_token_ids
+
+MIN_SHARED_PREFIX = 8  # a shorter common prefix is prefilled with each row
 
 
 @dataclass
@@ -54,7 +64,10 @@ class _Request:
 class HFEngine:
     """Dynamic batching over a transformers causal LM. Implements :class:`agentrl.engines.base.Engine`."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait_s: float = 0.002):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait_s: float = 0.002,
+                 packed_weights: bool | None = None):
+        """``packed_weights``: decode float32 on the CPU through oneDNN with packed weights
+        (:mod:`agentrl.engines.packed`); ``None`` uses them where they apply."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -67,6 +80,7 @@ class HFEngine:
         self.forward_calls = 0
         self.joined = 0  # requests that joined a batch already decoding
         self.rows_cancelled = 0  # rows dropped mid-decode because their request was cancelled
+        self.prefill_tokens = 0  # prompt positions run through the model (a shared prefix counts once)
         self.cache_width = 0  # columns of the running batch's KV cache (0 between batches)
         self._decode_thread: ThreadPoolExecutor | None = None
         self._running: asyncio.Future | None = None  # the batch decoding now, on the decode thread
@@ -86,6 +100,9 @@ class HFEngine:
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task | None = None
         self._weights_lock = threading.Lock()
+        parameter = next(model.parameters())
+        applies = parameter.device.type == "cpu" and parameter.dtype == torch.float32 and packed.available()
+        self.packed = packed.PackedLinears() if (applies if packed_weights is None else packed_weights) else None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -191,7 +208,7 @@ class HFEngine:
         loop = batch[0].future.get_loop()
         admitted: list[_Request] = []
         try:
-            with self._weights_lock, torch.inference_mode():
+            with self._weights_lock, torch.inference_mode(), self.packed or contextlib.nullcontext():
                 version = self.policy_version
                 self.batch_sizes[len(batch)] += 1
                 for request, result in self._decode(batch, version, admitted):
@@ -282,7 +299,7 @@ class HFEngine:
                     continue
                 index = torch.tensor(keep, device=device)
                 past.batch_select_indices(index)
-                attention_mask = _trim_left(past, attention_mask.index_select(0, index))
+                attention_mask = _compact(past, attention_mask.index_select(0, index))
                 next_tokens = next_tokens.index_select(0, index)
                 active = [active[i] for i in keep]
             tokens = next_tokens
@@ -297,14 +314,51 @@ class HFEngine:
         return live
 
     def _prefill(self, requests: list[_Request], device):
-        width = max(len(r.prompt_ids) for r in requests)
+        """Prompt KV caches, attention masks and last-token logits of ``requests``.
+
+        Prompts that open with the same tokens (the chat template's system turn, a task's
+        instructions, a group's shared question) compute that prefix once: its cache is
+        broadcast to every row and only each row's own suffix is prefilled, left-padded after the
+        prefix. The padding sits inside the cache, masked out; position ids come from the mask.
+        """
+        shared = self._shared_prefix(requests)
+        if shared:
+            prefix = torch.tensor([requests[0].prompt_ids[:shared]], device=device)
+            output = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1, **{self._cache_arg: None})
+            self.forward_calls += 1
+            past = getattr(output, self._cache_arg)
+            if all(type(layer) is DynamicLayer for layer in past.layers):
+                self.prefill_tokens += shared
+                for layer in past.layers:  # a view: the first decode step's concatenation copies it
+                    layer.keys = layer.keys.expand(len(requests), -1, -1, -1)
+                    layer.values = layer.values.expand(len(requests), -1, -1, -1)
+                return self._forward_prompts(requests, device, shared, past)
+        return self._forward_prompts(requests, device, 0, None)
+
+    def _shared_prefix(self, requests: list[_Request]) -> int:
+        """Tokens every prompt starts with, leaving each row one token of its own; 0 when it is
+        too short to matter or a row carries images (their tensors enter the prefill whole)."""
+        if len(requests) < 2 or any(r.images is not None for r in requests):
+            return 0
+        first = requests[0].prompt_ids
+        shared = min(len(r.prompt_ids) for r in requests) - 1
+        for request in requests[1:]:
+            ids = request.prompt_ids
+            shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _forward_prompts(self, requests: list[_Request], device, shared: int, past):
+        """Prefill each prompt after its first ``shared`` tokens, whose cache is ``past``."""
+        width = max(len(r.prompt_ids) for r in requests) - shared
         input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(requests), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(requests), shared + width), dtype=torch.long)
+        attention_mask[:, :shared] = 1
         for row, request in enumerate(requests):
-            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention_mask[row, width - len(request.prompt_ids) :] = 1
+            own = request.prompt_ids[shared:]
+            input_ids[row, width - len(own) :] = torch.tensor(own)
+            attention_mask[row, shared + width - len(own) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         images = model_inputs([t for r in requests if r.images is not None for t in r.images.tensors], device)
         output = self.model(
             input_ids=input_ids,
@@ -312,10 +366,11 @@ class HFEngine:
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,
-            **{self._cache_arg: None},
+            **{self._cache_arg: past},
             **images,
         )
         self.forward_calls += 1
+        self.prefill_tokens += input_ids.numel()
         return getattr(output, self._cache_arg), attention_mask, output.logits[:, -1, :]
 
     def _step(self, requests: list[_Request], logits: torch.Tensor, version: int):
@@ -387,17 +442,28 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def _trim_left(past, mask: torch.Tensor) -> torch.Tensor:
-    """Drop the leading cache columns that no remaining row attends to (left padding up to the
-    length of rows that have left): masked columns add nothing to attention and position ids come
-    from the mask, so outputs are unchanged while every later step attends over fewer columns."""
-    first = int(mask.any(dim=0).int().argmax())
-    if first == 0:
+def _compact(past, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the cache columns the remaining rows do not attend to: left padding up to the length of
+    rows that have left, and the padding a shared prefix left inside a row. Each row keeps its
+    attended columns in order, right-aligned; masked columns add nothing to attention and position
+    ids come from the mask, so outputs are unchanged while every later step attends over fewer
+    columns."""
+    width = int(mask.sum(dim=1).max())
+    if width == mask.shape[1]:
         return mask
+    first = int(mask.any(dim=0).int().argmax())
+    if mask.shape[1] - first == width:  # the widest row has no hole: slicing the left padding is enough
+        for layer in past.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+        return mask[:, first:]
+    # each row's attended columns last, in their order (a stable sort on the mask)
+    order = torch.sort(mask, dim=1, stable=True).indices[:, -width:]
     for layer in past.layers:
-        layer.keys = layer.keys[:, :, first:]
-        layer.values = layer.values[:, :, first:]
-    return mask[:, first:]
+        index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys = torch.gather(layer.keys, 2, index)
+        layer.values = torch.gather(layer.values, 2, index)
+    return torch.gather(mask, 1, order)
 
 
 def _merge(past, mask, new_past, new_mask):
