@@ -46,6 +46,28 @@ def arms(config: dict) -> dict[str, list[str]]:
     return {"self-play": [], "supervised GRPO": supervised}
 
 
+WARM_SECTIONS = ("model", "sft", "env", "tools", "rollout", "self_play")
+
+
+def reuse_warm_start(source: Path, target: Path, overrides: list[str]) -> float:
+    """Copy a finished warm start (step-0 checkpoint and metrics) to ``target`` after checking that
+    it was made with the settings this run would use; returns the time it took when it was made."""
+    from agentrl.config import load_config
+
+    made = yaml.safe_load((source / "config.yaml").read_text())
+    wanted = load_config(ROOT / CONFIG, overrides).model_dump(mode="json")
+    differ = [key for key in WARM_SECTIONS if made.get(key) != wanted.get(key)]
+    if differ:
+        raise SystemExit(f"{source} was warm-started with other {', '.join(differ)} settings than this run's")
+    if not (source / "checkpoints").is_dir():
+        raise SystemExit(f"{source} holds no checkpoint")
+    shutil.copytree(source / "checkpoints", target / "checkpoints")
+    shutil.copy(source / "metrics.jsonl", target / "metrics.jsonl")
+    shutil.copy(source / "config.yaml", target / "config.yaml")
+    timing = source / "warm_start_s"
+    return float(timing.read_text()) if timing.exists() else float("nan")
+
+
 def summarise(rows: list[dict]) -> dict:
     steps = [r for r in rows if r["step"] > 0 and "time/step_s" in r]
 
@@ -88,6 +110,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4, help="RL steps per arm before the other arm's turn")
     parser.add_argument("--deadline", default=None, help="UTC HH:MM by which the last chunk must end")
     parser.add_argument("--no-record", dest="record", action="store_false", help="print only; leave BENCHMARKS.md")
+    parser.add_argument("--warm-start", default=None, help="reuse this directory's warm start (the `warm` directory of an "
+                        "earlier run of this bench, or an `agentrl train` run with trainer.steps=0) instead of running "
+                        "one; its SFT, model, env, tools and rollout settings must equal this run's")
     parser.add_argument("overrides", nargs="*", help="config overrides for both arms (key=value)")
     args = parser.parse_args()
     if args.steps < 1 or args.chunk < 1:
@@ -102,14 +127,21 @@ def main() -> None:
             config["env"]["eval_size"] = int(value)
     root = ROOT / args.output_dir
     log = root / "train.log"
+    if args.warm_start and root.resolve() in (ROOT / args.warm_start).resolve().parents:
+        parser.error("--warm-start must lie outside --output-dir, which is emptied first")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     common = [*args.overrides, "tracking.progress=false", f"trainer.eval_every={args.chunk}",
               f"trainer.save_every={args.chunk}", "trainer.keep_checkpoints=1"]
-    print(f"warm start (SFT on both roles' demonstrations, the step-0 evaluation); log: {log}", flush=True)
-    warm_s = train(CONFIG, root / "warm", [*common, "trainer.steps=0"], log)
-    print(f"  {warm_s:.0f} s", flush=True)
+    if args.warm_start:
+        warm_s = reuse_warm_start(Path(args.warm_start), root / "warm", [*common, "trainer.steps=0"])
+        print(f"warm start reused from {args.warm_start} (it took {warm_s:.0f} s)", flush=True)
+    else:
+        print(f"warm start (SFT on both roles' demonstrations, the step-0 evaluation); log: {log}", flush=True)
+        warm_s = train(CONFIG, root / "warm", [*common, "trainer.steps=0"], log)
+        (root / "warm" / "warm_start_s").write_text(f"{warm_s:.1f}\n")
+        print(f"  {warm_s:.0f} s", flush=True)
     plan = arms(config)
     for arm in plan:
         shutil.copytree(root / "warm" / "checkpoints", root / arm.replace(" ", "-") / "checkpoints")
@@ -131,7 +163,8 @@ def main() -> None:
     results = {arm: summarise(read_metrics(root / arm.replace(" ", "-") / "metrics.jsonl")) for arm in plan}
     warm_rows = read_metrics(root / "warm" / "metrics.jsonl")
     base = next((r.get("eval_base/success_rate") for r in warm_rows if "eval_base/success_rate" in r), float("nan"))
-    lines = [f"{done} RL steps per arm ({CONFIG} {' '.join(args.overrides)}); warm start {warm_s / 60:.1f} min, shared; "
+    reused = f" (made beforehand by the same settings, {args.warm_start})" if args.warm_start else ""
+    lines = [f"{done} RL steps per arm ({CONFIG} {' '.join(args.overrides)}); warm start {warm_s / 60:.1f} min{reused}, shared; "
              f"held-out success before the warm start {100 * base:.1f}%"]
     lines.append(f"{'arm':<17}{'steps':>6}{'traj/step':>10}{'step s':>8}{'wall min':>9}  held-out success by step")
     for arm, result in results.items():

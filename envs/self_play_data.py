@@ -6,7 +6,7 @@ Self-play reads a JSONL of ``{"answer": ..., "hops": n}`` rows and nothing else 
 world :func:`generate_answers` derives them from ``corpus.jsonl`` alone, never from ``train.jsonl``
 or ``eval.jsonl``; ``data/fictional/self_play_answers.jsonl`` is its output, committed and checked
 equal to a fresh run by the tests. Regenerate with ``python -m agentrl.envs.self_play_data``
-(``--demonstrations PATH --count N`` also writes warm-start chats).
+(``--demonstrations PATH --count N [--hops 2] [--rag N]`` also writes warm-start chats).
 
 Hop count ``n``: the number of documents a solver must read, one search each, along a chain in which
 every link is one document naming exactly one next entity, so the question has one answer:
@@ -249,16 +249,26 @@ async def _solve(question: str, answer: str, lookups: Sequence[tuple[str, str]],
 
 async def self_play_demonstrations(rows: Sequence[dict[str, Any]], count: int, seed: int = 0,
                                    prompt: str = "short", corpus: str | Path = CORPUS_PATH,
-                                   search_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                                   search_options: dict[str, Any] | None = None, rag: int = 0,
+                                   distractors: int = 4) -> list[dict[str, Any]]:
     """Up to ``count`` proposer demonstrations (searches, then ``<question>``) and as many solver
     demonstrations (searches, then ``<answer>``) on the same questions, for answers drawn from
     ``rows`` in a seeded order. The searches run through the real search tool, so every observation
     is what a rollout would see; a chain the top results do not reach is skipped.
 
-    Each item is ``{"role": "proposer" | "solver", "answer", "hops", "messages"}``; written as
-    JSONL, the SFT loader (``agentrl.trainer.sft.load_demonstrations``) reads its ``messages``.
+    With ``rag > 0``, the first ``rag`` questions also get a demonstration of the self-verified RAG
+    check, the third thing the policy does in a step: :func:`rag_messages` over the proposer's
+    retrieved blocks plus ``distractors`` blocks of the other proposer demonstrations, laid out by
+    the check's own :func:`rag_documents`, answered ``<answer> a* </answer>``.
+
+    Each item is ``{"role": "proposer" | "solver" | "rag", "answer", "hops", "messages"}``, a
+    question's items together; written as JSONL, the SFT loader
+    (``agentrl.trainer.sft.load_demonstrations``) reads its ``messages``.
     """
     from agentrl.tools.search import SearchTool
+
+    from agentrl.algos.self_play import proposer_output_from_messages, rag_messages
+    from agentrl.algos.self_play_check import rag_documents
 
     world, search = World.from_corpus(corpus), SearchTool(**(search_options or {}))
     order = list(rows)
@@ -270,9 +280,9 @@ async def self_play_demonstrations(rows: Sequence[dict[str, Any]], count: int, s
         keyed.append((rank[row["hops"]], row["hops"], row))
         rank[row["hops"]] += 1
     order = [row for _, _, row in sorted(keyed, key=lambda item: item[:2])]
-    demonstrations: list[dict[str, Any]] = []
+    pairs: list[tuple[dict[str, Any], list, str, list]] = []
     for row in order:
-        if len(demonstrations) >= 2 * count:
+        if len(pairs) >= count:
             break
         proposed = await _propose(world, row["answer"], row["hops"], search, prompt)
         if proposed is None:
@@ -281,7 +291,17 @@ async def self_play_demonstrations(rows: Sequence[dict[str, Any]], count: int, s
         solver_chat = await _solve(question, row["answer"], lookups, search, prompt)
         if solver_chat is None:
             continue
-        for role, chat in (("proposer", proposer_chat), ("solver", solver_chat)):
+        pairs.append((row, proposer_chat, question, solver_chat))
+    blocks = [proposer_output_from_messages(chat).documents for _, chat, _, _ in pairs]
+    demonstrations: list[dict[str, Any]] = []
+    for index, (row, proposer_chat, question, solver_chat) in enumerate(pairs):
+        chats = [("proposer", proposer_chat), ("solver", solver_chat)]
+        if index < rag:
+            others = [b for j, b in enumerate(blocks) if j != index]
+            documents = rag_documents(blocks[index], others, distractors, row["answer"], random.Random(f"{seed}:rag:{index}"))
+            chats.append(("rag", rag_messages(question, documents)
+                          + [{"role": "assistant", "content": f"<answer> {row['answer']} </answer>"}]))
+        for role, chat in chats:
             demonstrations.append({"role": role, "answer": row["answer"], "hops": row["hops"], "messages": chat})
     return demonstrations
 
@@ -303,13 +323,19 @@ def main() -> None:
     parser.add_argument("--demonstrations", help="also write this many proposer and solver demonstrations ...")
     parser.add_argument("--count", type=int, default=16, help="... of each role (default 16)")
     parser.add_argument("--topk", type=int, default=3, help="search results per query (default 3)")
+    parser.add_argument("--hops", type=int, nargs="*", default=None, help="demonstrate only these hop counts (default: all)")
+    parser.add_argument("--rag", type=int, default=0, help="also this many RAG-check demonstrations (default 0)")
+    parser.add_argument("--distractors", type=int, default=4, help="distractor blocks in each (self_play.distractors)")
     args = parser.parse_args()
     rows = generate_answers()
     write_answers(rows)
     print(f"{ANSWERS_PATH}: {len(rows)} rows; {dict(sorted(Counter(r['hops'] for r in rows).items()))} by hops")
     if args.demonstrations:
-        items = asyncio.run(self_play_demonstrations(rows, args.count, search_options={"topk": args.topk}))
-        print(f"{write_demonstrations(items, args.demonstrations)}: {len(items)} chats")
+        chosen = [r for r in rows if not args.hops or r["hops"] in args.hops]
+        items = asyncio.run(self_play_demonstrations(chosen, args.count, search_options={"topk": args.topk},
+                                                     rag=args.rag, distractors=args.distractors))
+        roles = dict(Counter(item["role"] for item in items))
+        print(f"{write_demonstrations(items, args.demonstrations)}: {len(items)} chats {roles}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import random
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from agentrl.envs.base import Reward, Task, load_rows
 from agentrl.envs.search_qa import SearchQAEnv
 from agentrl.envs.self_play_data import (
@@ -40,6 +42,7 @@ from agentrl.algos.self_play import (
     proposer_output,
     proposer_output_from_messages,
     proposer_reward,
+    rag_messages,
     self_play_metrics,
     solver_reward,
 )
@@ -564,6 +567,50 @@ def test_solver_demonstrations_answer_the_proposed_questions_from_their_searches
         assert solver["answer"] in tool_text
         assert sum(m["role"] == "tool" for m in solver["messages"]) == solver["hops"]
         chat_to_trajectory(solver["messages"], tokenizer, SearchQAEnv()).validate()
+
+
+def check_rag_demonstrations(items, distractors, tokenizer):
+    """Each ``rag`` item follows its question's proposer and solver: the RAG check's own prompt over the
+    proposer's retrieved blocks plus ``distractors`` blocks of other proposals (none holding the answer),
+    answered with the answer, which only the answer tokens train."""
+    proposers = {d["answer"]: proposer_output_from_messages(d["messages"]) for d in items if d["role"] == "proposer"}
+    rags = [d for d in items if d["role"] == "rag"]
+    for item in rags:
+        question = extract_question(proposers[item["answer"]].text)
+        prompt, reply = item["messages"]
+        body = prompt["content"].split("\n\n", 1)[1].rsplit("\n\nQuestion: ", 1)[0]
+        documents = re.split(r"\n\nDocument \d+:\n", "\n\n" + body)[1:]
+        assert item["messages"][:1] == rag_messages(question, documents)
+        own = proposers[item["answer"]].documents
+        assert set(own) <= set(documents) and len(documents) == len(own) + distractors
+        others = {b for answer, o in proposers.items() if answer != item["answer"] for b in o.documents}
+        distracting = [d for d in documents if d not in own]
+        assert set(distracting) <= others and not any(item["answer"] in d for d in distracting)
+        assert any(item["answer"] in d for d in own)  # answerable from the proposer's documents alone
+        assert reply == {"role": "assistant", "content": f"<answer> {item['answer']} </answer>"}
+        trajectory = chat_to_trajectory(item["messages"], tokenizer, SearchQAEnv())
+        assert tokenizer.decode([i for i, m in zip(trajectory.response_ids, trajectory.loss_mask) if m]) == reply["content"]
+    return rags
+
+
+def test_rag_check_demonstrations_answer_a_proposed_question_from_its_documents_and_distractors(tokenizer):
+    rows = [r for r in load_answers() if r["hops"] == 2]
+    items = asyncio.run(self_play_demonstrations(rows, count=4, seed=1, rag=2, distractors=3))
+    assert [d["role"] for d in items] == ["proposer", "solver", "rag"] * 2 + ["proposer", "solver"] * 2
+    assert len(check_rag_demonstrations(items, 3, tokenizer)) == 2
+
+
+def test_the_committed_demonstrations_are_two_hop_pairs_and_rag_checks_of_ssp_yaml(tokenizer):
+    """envs/data/fictional/self_play_demonstrations.jsonl: --count 16 --hops 2 --rag 8, all read by ssp.yaml."""
+    committed = load_rows(DATA_DIR / "self_play_demonstrations.jsonl")
+    assert [d["role"] for d in committed] == ["proposer", "solver", "rag"] * 8 + ["proposer", "solver"] * 8
+    assert {d["hops"] for d in committed} == {2}
+    for item in (d for d in committed if d["role"] == "proposer"):
+        output = proposer_output_from_messages(item["messages"])
+        assert check_rules(output, item["answer"]) is None and resolve(extract_question(output.text)) == item["answer"]
+    assert len(check_rag_demonstrations(committed, 4, tokenizer)) == 8
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs/ssp.yaml").read_text())
+    assert config["sft"]["num_demonstrations"] == len(committed) and config["self_play"]["hops"] == [2]
 
 
 def test_verdicts_without_a_rag_check_leave_the_pass_rate_out():

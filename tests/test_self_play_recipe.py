@@ -350,3 +350,25 @@ def test_the_viewer_shows_each_proposal_with_its_question_rag_check_and_solver_a
     assert "solver attempt 2: " in dom and "rejected: too_short · no RAG check" in dom
     assert "solver attempt 1 (at a placeholder problem): none" in dom  # an invalid slot's attempts say what they solved
     assert "solver (proposed problem) · question: " in dom
+
+
+def test_the_bench_reuses_a_warm_start_only_when_it_was_made_with_this_runs_settings(tmp_path):
+    from agentrl.config import dump_config, load_config
+    from bench.self_play import CONFIG, reuse_warm_start
+
+    overrides = ["env.eval_size=16", "trainer.steps=0"]
+    source = tmp_path / "warm"
+    (source / "checkpoints" / "step-000000").mkdir(parents=True)
+    (source / "checkpoints" / "step-000000" / "training.pt").write_bytes(b"state")
+    (source / "metrics.jsonl").write_text('{"step": 0, "eval/success_rate": 0.25}\n')
+    (source / "warm_start_s").write_text("812.5\n")
+    made = load_config(ROOT / CONFIG, [*overrides, "trainer.torch_threads=2", f"output_dir={source}"])
+    (source / "config.yaml").write_text(dump_config(made))  # other trainer settings: still the same warm start
+    assert reuse_warm_start(source, tmp_path / "bench" / "warm", overrides) == 812.5
+    assert (tmp_path / "bench" / "warm" / "checkpoints" / "step-000000" / "training.pt").read_bytes() == b"state"
+    assert read_metrics(tmp_path / "bench" / "warm" / "metrics.jsonl")[0]["eval/success_rate"] == 0.25
+    for changed in ("sft.epochs=3", "self_play.proposer_temperature=1.0", "env.eval_size=32"):
+        other = load_config(ROOT / CONFIG, [*overrides, changed])
+        (source / "config.yaml").write_text(dump_config(other))
+        with pytest.raises(SystemExit, match=f"other {changed.split('.')[0]} settings"):
+            reuse_warm_start(source, tmp_path / changed, overrides)
