@@ -22,11 +22,14 @@ import weakref
 import torch
 from torch.overrides import TorchFunctionMode
 
+_LINEAR, _FLOAT32 = torch.nn.functional.linear, torch.float32
+_PACKED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
 
 def available() -> bool:
     """oneDNN's packed linear exists in this torch build and runs here (x86-64)."""
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and _PACKED_LINEAR is not None and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class PackedLinears(TorchFunctionMode):
@@ -38,14 +41,14 @@ class PackedLinears(TorchFunctionMode):
         self.packings = 0  # weights packed so far (first sight or a changed weight)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
+        # every torch call of the forward pass comes through here: the test for linear comes first
+        if func is _LINEAR:
             x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.device.type == "cpu"
+            bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
+            if (weight.dtype == _FLOAT32 and x.dtype == _FLOAT32 and weight.device.type == "cpu"
                     and weight.dim() == 2 and not weight.is_mkldnn):
-                return torch.ops.mkldnn._linear_pointwise(x, self._weight(weight), bias, "none", [], "")
-        return func(*args, **kwargs)
+                return _PACKED_LINEAR(x, self._weight(weight), bias, "none", [], "")
+        return func(*args, **(kwargs or {}))
 
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
         state = (weight._version, weight.data_ptr())
