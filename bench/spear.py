@@ -1,15 +1,23 @@
 """SPEAR against its baseline Dr.BoT, side by side, on the CPU.
 
-Both arms run their config (configs/spear.yaml, configs/drbot.yaml: the same task, budget and
-settings; SPEAR adds the tool-call curriculum and the self-imitation replay) for the same steps and
-seeds, each in its own process, one after the other: SmolLM2-135M-Instruct on one- and two-hop
-fictional search questions (alternating, so held-out success is half two-hop) after a warm start
-that demonstrates one-hop lookups only. Recorded:
-held-out success over the steps (mean and spread over seeds), the policy's entropy curve, and the
-step time of SPEAR relative to Dr.BoT.
+Both arms run their config (configs/spear.yaml, configs/drbot.yaml: the same budget and settings;
+SPEAR adds the tool-call curriculum and the self-imitation replay) for the same steps and seeds,
+each in its own process, one after the other, SmolLM2-135M-Instruct on fictional search questions.
+Two tasks (``--task``):
+
+- ``multi-hop`` (the default): two- and three-hop questions (who founded the company, where was
+  that person born, ...) after one SFT warm start per seed on scripted chained lookups
+  (``--demos``, ``--sft-epochs``; bench/estimators.py's task and calibration, which leaves the
+  policy chaining some of the time, so the baseline has a signal to learn from). Both arms of a
+  seed start from that seed's warm-start weights.
+- ``one-hop``: one- and two-hop questions alternating after each config's own warm start on
+  one-hop demonstrations (every one-hop question right, every two-hop one wrong: no signal).
+
+Recorded: held-out success over the steps (mean and spread over seeds), the policy's entropy curve,
+and the step time of SPEAR relative to Dr.BoT. ``--resume`` keeps every finished run's result.
 
     .venv/bin/python bench/spear.py                                   # 3 seeds x 2 arms, recorded
-    .venv/bin/python bench/spear.py --seeds 0 --steps 2 --eval-size 8 --no-record   # smoke
+    .venv/bin/python bench/spear.py --seeds 0 --steps 1 --eval-size 4 --demos 2 --no-record   # smoke
 
 The section between the ``spear`` markers in BENCHMARKS.md is replaced on each recorded run, and
 the curves go to docs/spear_bench.png.
@@ -30,9 +38,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import estimators  # noqa: E402
 from bench.record import train_in_child, write_section  # noqa: E402
 
 BEGIN, END = "<!-- spear:begin -->", "<!-- spear:end -->"
+MULTI_HOPS = [2, 3]
+TASKS = {
+    "multi-hop": lambda args: (f"two- and three-hop fictional search questions after one warm start per seed, shared by "
+                               f"both arms, on {args.demos} scripted chained lookups x {args.sft_epochs} epochs"),
+    "one-hop": lambda args: ("one- and two-hop fictional search questions (alternating, so held-out is half two-hop) "
+                             "after each config's warm start on one-hop demonstrations"),
+}
 DATA = ROOT / "envs" / "data" / "fictional"
 ARMS = ("drbot", "spear")
 
@@ -48,12 +64,32 @@ def write_data(directory: Path) -> None:
         (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
 
 
-def run_one(arm: str, seed: int, args, output_dir: Path) -> dict:
-    """One training run of ``configs/<arm>.yaml``; returns its eval curve, entropy curve and step times."""
+def multi_hop_setup(args, data: Path) -> dict:
+    """bench/estimators.py's task: its data, demonstrations and warm-start config."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(hops=MULTI_HOPS, group_size=4, steps=0, prompts=8, threads=args.threads,
+                               demos=args.demos, sft_epochs=args.sft_epochs, eval_size=args.eval_size)
+    config = estimators.base_config(settings, data)
+    if not (data / "demos.jsonl").is_file():
+        estimators.write_data(data, MULTI_HOPS, train_size=2000, eval_size=args.eval_size, demos=args.demos,
+                              config=config)
+    return config
+
+
+def run_one(arm: str, seed: int, args, start: dict | None, output_dir: Path) -> dict:
+    """One training run of ``configs/<arm>.yaml`` (from ``start``'s weights, if given); returns its
+    eval curve, entropy curve and step times."""
     config = yaml.safe_load((ROOT / "configs" / f"{arm}.yaml").read_text())
     data = output_dir.parent / "data"
     config["env"].update({"eval_size": args.eval_size, "train_data": str(data / "train.jsonl"),
                           "eval_data": str(data / "eval.jsonl")})
+    if start is not None:  # the multi-hop task: the seed's shared warm start, no SFT of the arm's own
+        config["env"]["options"] = {"prompt": "short"}
+        config["rollout"].update({"max_turns": max(MULTI_HOPS) + 1, "max_response_tokens": 96 * (max(MULTI_HOPS) + 1)})
+        config["model"]["name"] = start["model"]
+        config["sft"]["enabled"] = False
+        config["trainer"]["eval_before"] = False
     config["trainer"].update({"steps": args.steps, "eval_every": args.eval_every, "seed": seed,
                               "torch_threads": args.threads, "save_every": 0})
     if arm == "spear":  # the schedules scale with the run length, as in the config
@@ -61,9 +97,10 @@ def run_one(arm: str, seed: int, args, output_dir: Path) -> dict:
     config["tracking"] = {"backends": ["jsonl"], "progress": False, "plot": False, "sample_trajectories": 0}
     rows, wall_s = train_in_child(config, output_dir)
     steps = [r for r in rows if r["step"] > 0]
+    evals = [(r["step"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r]
     return {
         "arm": arm, "seed": seed, "wall_s": wall_s,
-        "eval": [(r["step"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r],
+        "eval": evals if start is None else [(0, start["before"]), *evals],
         "entropy": [(r["step"], r["entropy"]) for r in steps if "entropy" in r],
         "step_s": [r["time/step_s"] for r in steps],
         "replays": sum(r.get("spear/replay_event", 0.0) for r in steps),
@@ -138,16 +175,27 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-size", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--task", choices=("multi-hop", "one-hop"), default="multi-hop")
+    parser.add_argument("--demos", type=int, default=12, help="multi-hop: scripted chained demonstrations")
+    parser.add_argument("--sft-epochs", type=int, default=2, help="multi-hop: epochs of the warm start")
     parser.add_argument("--output-dir", default="runs/bench-spear")
     parser.add_argument("--no-record", action="store_true", help="do not edit BENCHMARKS.md")
+    parser.add_argument("--resume", action="store_true", help="keep the results of runs that finished before")
     args = parser.parse_args()
     output, started, results = ROOT / args.output_dir, time.perf_counter(), []
-    write_data(output / "data")
+    warm_config = None  # one-hop: each arm's own warm start
+    if args.task == "multi-hop":
+        warm_config = multi_hop_setup(args, output / "data")
+    else:
+        write_data(output / "data")
     for seed in args.seeds:
+        start = None
+        if warm_config is not None:
+            start = estimators.finished(output / f"warm-start-seed{seed}", args.resume, estimators.warm_start,
+                                        warm_config, seed)
         for arm in ARMS:  # the arms alternate, so a change of machine load hits both alike
-            result = run_one(arm, seed, args, output / f"{arm}-seed{seed}")
-            print(json.dumps({k: v for k, v in result.items() if k != "step_s"}), flush=True)
-            results.append(result)
+            results.append(estimators.finished(output / f"{arm}-seed{seed}", args.resume, run_one, arm, seed, args,
+                                               start))
     total_s = time.perf_counter() - started
     lines = summary(results)
     print("\n".join(lines) + f"\ntotal wall time {total_s / 60:.1f} min")
@@ -159,8 +207,8 @@ def main() -> None:
         BEGIN,
         "## SPEAR against Dr.BoT (`bench/spear.py`)",
         "",
-        f"SmolLM2-135M-Instruct on the CPU ({platform.machine()}, {args.threads} torch threads): one- and two-hop "
-        f"fictional search questions (alternating, so held-out is half two-hop) after a warm start on one-hop demonstrations; {args.steps} RL steps of 8 prompts "
+        f"SmolLM2-135M-Instruct on the CPU ({platform.machine()}, {args.threads} torch threads): {TASKS[args.task](args)}; "
+        f"{args.steps} RL steps of 8 prompts "
         f"x 4 samples per arm (configs/spear.yaml, configs/drbot.yaml), {len(args.seeds)} seeds; held-out success "
         f"greedy on {args.eval_size} questions (mean +- std over seeds). Curves: docs/spear_bench.png.",
         "",
