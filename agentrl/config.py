@@ -88,6 +88,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_concurrent_trajectories: int = Field(64, gt=0)
     max_batch_size: int = Field(32, gt=0)
+    # the HF engine's float32 CPU decoding through oneDNN with packed weights (a second copy of the
+    # linear weights); None: wherever it applies
+    packed_weights: bool | None = None
     end_on_format_error: bool = False  # False: the model sees the parse error as an observation and goes on
     # Several tool calls per turn: the turn is not cut at a call's closing tag but ends at EOS.
     parallel_tool_calls: bool = False

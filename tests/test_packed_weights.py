@@ -81,3 +81,14 @@ def test_the_engine_decodes_with_the_weights_it_was_given_after_an_update(tokeni
     engine.update_weights(other.state_dict())  # in place, between batches
     second = decode(engine)
     assert second == greedy(other) and second != first
+
+
+@pytest.mark.parametrize("setting, packs", [(None, True), ("false", False)])
+def test_rollout_packed_weights_reaches_the_engine(tokenizer, tiny_model, setting, packs):
+    from agentrl.config import build_config
+    from agentrl.engines import build_engine
+
+    config = build_config({}, [] if setting is None else [f"rollout.packed_weights={setting}"])
+    assert (build_engine(config, tiny_model, tokenizer).packed is not None) is packs
+    bf16 = make_tiny_model(tokenizer).to(torch.bfloat16)
+    assert build_engine(config, bf16, tokenizer).packed is None  # bfloat16 already runs through oneDNN

@@ -17,7 +17,7 @@ def build_engine(config: Any, model: Any, tokenizer: Any) -> Any:
     if rollout.engine == "hf":
         from agentrl.engines.hf import HFEngine
 
-        return HFEngine(model, tokenizer, max_batch_size=rollout.max_batch_size)
+        return HFEngine(model, tokenizer, max_batch_size=rollout.max_batch_size, packed_weights=rollout.packed_weights)
     if rollout.engine == "vllm":
         from agentrl.engines.vllm import VLLMEngine
 

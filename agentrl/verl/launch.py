@@ -35,7 +35,7 @@ NEEDS_AGENTRL_TRAINER = ("gigpo",)
 KL_TYPES = {"k1": "k1", "k2": "mse", "mse": "mse", "low_var_kl": "low_var_kl"}  # verl's "k3" is clamped
 LOGGERS = {"jsonl": "console", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # Keys of the local trainer's own process that verl does not read (defaults aside, they do nothing there).
-LOCAL_ONLY = ("rollout.engine", "rollout.max_batch_size", "trainer.torch_threads",
+LOCAL_ONLY = ("rollout.engine", "rollout.max_batch_size", "rollout.packed_weights", "trainer.torch_threads",
               "trainer.precision", "trainer.keep_checkpoints", "tracking.sample_trajectories", "tracking.progress",
               "tracking.plot", "rollout.group_retries")
 
