@@ -54,6 +54,8 @@ class PackedLinears(TorchFunctionMode):
         state = (weight._version, weight.data_ptr())
         entry = self._packed.get(id(weight))
         if entry is None or entry[0]() is not weight or entry[1] != state:
+            if entry is None:  # a weight not seen before: forget those that no longer exist
+                self._packed = {key: e for key, e in self._packed.items() if e[0]() is not None}
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             entry = (weakref.ref(weight), state, packed)
             self._packed[id(weight)] = entry
