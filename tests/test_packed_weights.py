@@ -92,3 +92,29 @@ def test_rollout_packed_weights_reaches_the_engine(tokenizer, tiny_model, settin
     assert (build_engine(config, tiny_model, tokenizer).packed is not None) is packs
     bf16 = make_tiny_model(tokenizer).to(torch.bfloat16)
     assert build_engine(config, bf16, tokenizer).packed is None  # bfloat16 already runs through oneDNN
+
+
+def test_the_packed_copies_of_trained_weights_are_freed_before_each_update(tmp_path, tiny_model_dir):
+    from agentrl.config import build_config
+    from agentrl.trainer.local import build_run, close_run, train_step
+
+    config = build_config({
+        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
+        "env": {"name": "tests.helpers.ping_env:PingEnv", "eval_size": 2},
+        "rollout": {"group_size": 3, "max_turns": 2, "max_new_tokens": 6, "max_response_tokens": 24},
+        "trainer": {"steps": 1, "prompts_per_step": 2, "minibatch_size": 3, "micro_batch_size": 2, "lr": 1e-3,
+                    "torch_threads": 1, "eval_before": False},
+        "tracking": {"progress": False, "plot": False},
+    })
+    run = build_run(config)
+    try:
+        engine = run.engine
+        frozen = run.model.get_input_embeddings().weight
+        frozen.requires_grad_(False)  # as a LoRA run's base: the update leaves it as it is
+        train_step(run)
+        # the step sampled (every linear packed), then freed the trained weights' copies before its update
+        packed = [entry[0]() for entry in engine.packed._packed.values()]
+        assert len(packed) == 1 and packed[0] is frozen
+        assert engine.packed.packings == linear_weights(run.model)
+    finally:
+        close_run(run)

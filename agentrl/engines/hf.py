@@ -142,6 +142,13 @@ class HFEngine:
         while self._running is not None and not self._running.done():
             await asyncio.wait({self._running})
 
+    def release_memory(self) -> None:
+        """Before the trainer's update: free what the update makes stale (the packed copies of the
+        weights it trains), so they do not sit beside the update's activations."""
+        if self.packed is not None:
+            with self._weights_lock:
+                self.packed.release_trainable()
+
     async def close(self) -> None:
         while not self._joining.empty():
             self._joining.get_nowait().future.cancel()

@@ -62,6 +62,8 @@ class PackedLinears(TorchFunctionMode):
             self.packings += 1
         return entry[2]
 
-    def clear(self) -> None:
-        """Free every packed copy (they are rebuilt on the next forward pass)."""
-        self._packed.clear()
+    def release_trainable(self) -> None:
+        """Free the packed copies of weights that require grad: an update is about to change them
+        (they would be packed again anyway). Frozen weights, a LoRA run's base, keep theirs."""
+        self._packed = {key: entry for key, entry in self._packed.items()
+                        if (weight := entry[0]()) is not None and not weight.requires_grad}

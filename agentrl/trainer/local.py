@@ -206,6 +206,8 @@ def train_step(run: Run) -> tuple[dict[str, float], list[Trajectory]]:
     parts, batch_metrics = recipe.loss_batches(trainable, step)
     metrics.update(batch_metrics)
     update_started = time.perf_counter()
+    if (release := getattr(run.engine, "release_memory", None)) is not None:
+        release()  # what the engine keeps that this update makes stale (the HF engine's packed weights)
     metrics.update(update(run, parts, step))
     metrics.update(recipe.after_update(parts, step))
     release_memory()
