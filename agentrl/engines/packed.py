@@ -10,8 +10,10 @@ and again whenever it has changed: its version counter moves with every in-place
 step, ``load_state_dict``), and a new tensor has a new identity, so the engine can never decode
 with stale weights. The trainer's own forward and backward passes never run under the mode.
 
-The packed copies take as much memory as the linear weights they pack. Results agree with MKL's to
-float32 rounding (a different summation order), not bit for bit.
+The packed copies take as much memory as the linear weights they pack; before each update the
+trainer frees those of the weights it trains (:meth:`HFEngine.release_memory`), so they never sit
+beside the update's activations. ``rollout.packed_weights=false`` turns the packing off. Results
+agree with MKL's to float32 rounding (a different summation order), not bit for bit.
 """
 
 from __future__ import annotations
