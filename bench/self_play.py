@@ -13,6 +13,11 @@ background load on a shared machine, and stop after ``--steps``, or earlier when
 greedy) is measured at the end of every chunk; the result goes into BENCHMARKS.md with a plot.
 
     .venv/bin/python bench/self_play.py [--steps 8] [--chunk 4] [--deadline 02:30] [--no-record] [overrides ...]
+
+``--proposals N --warm-start DIR`` only samples the proposer on the first ``N`` answers of the
+stream from that warm start's checkpoint and prints each proposal's stop reason, question and
+verdict (the rules, then the RAG check), to see whether self-play will have valid questions to
+start from before paying for the benchmark.
 """
 
 from __future__ import annotations
@@ -68,6 +73,46 @@ def reuse_warm_start(source: Path, target: Path, overrides: list[str]) -> float:
     return float(timing.read_text()) if timing.exists() else float("nan")
 
 
+def probe_proposals(warm: Path, count: int, overrides: list[str]) -> None:
+    """The first ``count`` proposals of a self-play run from ``warm``'s checkpoint, checked as step 1 checks them."""
+    from collections import Counter
+
+    from agentrl.algos.self_play import proposer_output
+    from agentrl.algos.self_play_check import check_questions
+    from agentrl.config import load_config
+    from agentrl.recipes.base import step_seed
+    from agentrl.trainer.checkpoint import latest_checkpoint, load_weights
+    from agentrl.trainer.local import build_run, close_run
+
+    checkpoint = latest_checkpoint(warm)
+    if checkpoint is None:
+        raise SystemExit(f"{warm} holds no checkpoint")
+    config = load_config(ROOT / CONFIG, [*overrides, f"output_dir={warm / 'proposals'}"])
+    run = build_run(config)
+    try:
+        load_weights(run.model, checkpoint / "model")
+        run.engine.update_weights()
+        recipe, options = run.recipe, config.self_play
+        rows, seed = recipe.next_answers(count), step_seed(config, 1)
+        tasks = [recipe.proposer_env.make_task(row, position) for position, row in rows]
+        batch = run.loop.run_until_complete(recipe.proposer_worker.run_batch(tasks, seed=seed, group_size=1))
+        outputs = [proposer_output(t, run.tokenizer, final_turn_message=recipe.proposer_env.final_turn_message)
+                   for t in batch.trajectories]
+        verdicts = run.loop.run_until_complete(check_questions(
+            run.engine, run.tokenizer, outputs, [row["answer"] for _, row in rows], seed=seed, rules=recipe.rules,
+            distractors=options.distractors, params=recipe.rag_params, judge=recipe.judge))
+    finally:
+        close_run(run)
+    for (_, row), trajectory, output, verdict in zip(rows, batch.trajectories, outputs, verdicts, strict=True):
+        print(f"{row['answer']!r} (n={row['hops']}): stop {trajectory.stop_reason}, searches {output.queries}, "
+              f"question {verdict.question!r}: {'valid' if verdict.valid else verdict.reason}"
+              + (f" (RAG check answered {verdict.rag_answer!r})" if verdict.rag_ran else ""))
+    reasons = Counter(v.reason or "valid" for v in verdicts)
+    stops = Counter(t.stop_reason for t in batch.trajectories)
+    print(f"{reasons['valid']} of {count} valid at proposer temperature {recipe.proposer_worker.config.temperature:g}; "
+          f"verdicts {dict(reasons.most_common())}; stop reasons {dict(stops.most_common())}")
+
+
 def summarise(rows: list[dict]) -> dict:
     steps = [r for r in rows if r["step"] > 0 and "time/step_s" in r]
 
@@ -113,10 +158,16 @@ def main() -> None:
     parser.add_argument("--warm-start", default=None, help="reuse this directory's warm start (the `warm` directory of an "
                         "earlier run of this bench, or an `agentrl train` run with trainer.steps=0) instead of running "
                         "one; its SFT, model, env, tools and rollout settings must equal this run's")
+    parser.add_argument("--proposals", type=int, default=0, help="only check this many proposals from --warm-start")
     parser.add_argument("overrides", nargs="*", help="config overrides for both arms (key=value)")
     args = parser.parse_args()
     if args.steps < 1 or args.chunk < 1:
         parser.error("--steps and --chunk must be at least 1")
+    if args.proposals:
+        if not args.warm_start:
+            parser.error("--proposals needs --warm-start")
+        probe_proposals(ROOT / args.warm_start, args.proposals, args.overrides)
+        return
 
     config = yaml.safe_load((ROOT / CONFIG).read_text())
     for override in args.overrides:  # the values the arms' sizes and the report depend on
@@ -185,7 +236,7 @@ def main() -> None:
     section = "\n".join([
         BEGIN, "## Search self-play vs GRPO on question-answer pairs (`bench/self_play.py`)", "",
         f"Held-out success (the {config['env']['eval_size']} first two-hop fictional eval questions, greedy) over RL "
-        f"steps from one SFT warm start on both roles' demonstrations. Self-play reads only the answers file; the "
+        f"steps from one SFT warm start on scripted demonstrations (both roles and the RAG check). Self-play reads only the answers file; the "
         f"supervised reference trains GRPO on the training questions of the same hop count with the same number of "
         f"rollouts per step (traj/step: the trajectories trained; self-play's attempts at placeholder problems are "
         f"not). Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on the "
