@@ -149,3 +149,28 @@ def test_two_worker_processes_serve_the_same_index(tmp_path):
     while subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "server processes outlived the command"
         time.sleep(0.2)
+
+
+def test_documents_tied_at_the_last_place_are_chosen_the_same_way_in_every_process(bm25_index):
+    """The vocabulary's term ids follow string hashing, so they differ between processes; which of
+    the documents tied at the k-th score are returned must not. Ties go to the earlier document."""
+    import os
+    import subprocess
+    import sys
+
+    query, k = "city in the country of Zanunpoth", 8
+    scores = [h.score for h in bm25_index.search([query], k + 8)[0]]
+    assert scores[k - 1] == scores[k]  # the query has a tie across the cut
+    program = ("import json, sys; from agentrl.retrieval.index import Index, read_corpus; "
+               f"index = Index.from_documents(list(read_corpus('{DATA}/corpus.jsonl'))); "
+               f"print(json.dumps([h.document['id'] for h in index.search([{query!r}], {k})[0]]))")
+    answers = set()
+    for seed in ("1", "2", "3"):
+        result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        answers.add(result.stdout.strip().splitlines()[-1])
+    assert len(answers) == 1
+    ids = [d["id"] for d in bm25_index.documents]
+    tied = [h.document["id"] for h in bm25_index.search([query], 40)[0] if h.score == scores[k - 1]]
+    chosen = json.loads(answers.pop())
+    assert [i for i in chosen if i in tied] == sorted(tied, key=ids.index)[: len([i for i in chosen if i in tied])]

@@ -235,10 +235,12 @@ class Index:
         for row in range(len(queries)):
             start, end = product.indptr[row], product.indptr[row + 1]
             data, documents = product.data[start:end], product.indices[start:end]
-            if len(data) > k:
-                top = np.argpartition(-data, k - 1)[:k]
-                data, documents = data[top], documents[top]
-            order = np.lexsort((documents, -data))  # best score first; ties by document order
+            if len(data) > k:  # the k best, and every document tied with the k-th: which of those
+                # ties argpartition keeps depends on the order of the terms, whose ids differ from
+                # one process to the next (the vocabulary follows string hashing)
+                candidates = data >= np.partition(data, len(data) - k)[len(data) - k]
+                data, documents = data[candidates], documents[candidates]
+            order = np.lexsort((documents, -data))[:k]  # best score first; ties by document order
             hits = [(int(documents[i]), float(data[i])) for i in order]
             if len(hits) < k:  # like bm25s, always answer k documents: fill with score-0 ones
                 seen = {i for i, _ in hits}
