@@ -95,17 +95,10 @@ def test_rollout_packed_weights_reaches_the_engine(tokenizer, tiny_model, settin
 
 
 def test_the_packed_copies_of_trained_weights_are_freed_before_each_update(tmp_path, tiny_model_dir):
-    from agentrl.config import build_config
     from agentrl.trainer.local import build_run, close_run, train_step
+    from tests.test_trainer_math import tiny_run_config
 
-    config = build_config({
-        "output_dir": str(tmp_path / "run"), "model": {"name": str(tiny_model_dir)},
-        "env": {"name": "tests.helpers.ping_env:PingEnv", "eval_size": 2},
-        "rollout": {"group_size": 3, "max_turns": 2, "max_new_tokens": 6, "max_response_tokens": 24},
-        "trainer": {"steps": 1, "prompts_per_step": 2, "minibatch_size": 3, "micro_batch_size": 2, "lr": 1e-3,
-                    "torch_threads": 1, "eval_before": False},
-        "tracking": {"progress": False, "plot": False},
-    })
+    config = tiny_run_config(tmp_path, tiny_model_dir, tracking={"progress": False, "plot": False})
     run = build_run(config)
     try:
         engine = run.engine
