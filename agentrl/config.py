@@ -133,7 +133,8 @@ class AlgoConfig(Section):
     """Advantage estimator and policy loss (see ``agentrl/algos``)."""
 
     advantage: Literal[
-        "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "turn_grpo", "gigpo", "archer"
+        "grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline", "gae", "turn_grpo", "gigpo",
+        "archer"
     ] = "grpo"
     norm_std: bool = True
     gamma: float = Field(1.0, ge=0.0, le=1.0)
@@ -184,7 +185,7 @@ class AlgoConfig(Section):
         if self.kl_coef > 0 and not in_reward and self.kl_loss_type == "k1":
             warnings.warn("algo.kl_loss_type=k1 as a loss has zero expected gradient (E[grad log pi] = 0) and adds only "
                           "noise; use k2 (mse) for grad KL(pi || ref) or low_var_kl/k3", UserWarning, stacklevel=2)
-        if self.dynamic_sampling and self.advantage in ("reinforce_pp", "gae", "archer"):
+        if self.dynamic_sampling and self.advantage in ("reinforce", "reinforce_pp", "gae", "archer"):
             raise ValueError(f"algo.dynamic_sampling drops groups whose rewards tie, but under {self.advantage} (no group "
                              "baseline) those still carry signal: set algo.dynamic_sampling=false")
         return self
@@ -277,7 +278,7 @@ class SelfPlayConfig(Section):
     reward: Literal["1-acc", "intermediate_difficulty", "format_only"] = "1-acc"
     invalid_penalty: float = 0.0  # the proposer's reward for an invalid question (reference script 0, yaml -1)
     spam_limit: int = Field(10, gt=0)  # more <answer> or </answer> tags than this divide the solver reward by 4
-    proposer_advantage: Literal["reinforce_pp", "grpo_batch"] = "reinforce_pp"
+    proposer_advantage: Literal["reinforce_pp", "grpo_batch", "reward"] = "reinforce_pp"
     combine_update: bool = False  # one loss batch of both roles instead of proposer, then solver
     pool_clear_every: int = Field(10, gt=0)
     pool_max_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # pool problems solved more often are not reused

@@ -185,6 +185,27 @@ def test_the_proposer_update_and_the_solver_update_each_change_the_weights(tiny_
     assert any(not torch.equal(after_proposer[k], after_solver[k]) for k in before)
 
 
+def test_the_reference_proposer_advantage_is_the_reward_itself(tiny_model_dir, tmp_path):
+    """``proposer_advantage: reward``: the reference's GRPO over groups of one (A = R, no baseline),
+    so an invalid or always-solved proposal gets 0 and none gets a negative advantage."""
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"proposer_advantage": "reward", "n_solve": 2},
+                       trainer={"prompts_per_step": 6, "micro_batch_size": 8})
+    try:
+        trajectories, _ = collect_scored(run)
+        trainable, _, _ = run.recipe.select(trajectories, 1)
+        parts, _ = run.recipe.loss_batches(trainable, 1)
+        update(run, parts[:1], 1)
+    finally:
+        close_run(run)
+    proposer = parts[0]
+    assert proposer.name == "proposer" and proposer.algo.advantage == "reinforce"
+    rewards = torch.tensor([t.reward for t in proposer.trajectories])
+    assert rewards.min() == 0 and rewards.max() > 0  # invalid (or solved) and unsolved proposals both occur
+    mask = proposer.batch.loss_mask.bool()
+    expected = rewards.unsqueeze(-1).expand_as(proposer.advantages)
+    assert torch.allclose(proposer.advantages[mask], expected[mask]) and (proposer.advantages[~mask] == 0).all()
+
+
 def test_a_combined_update_trains_both_roles_in_one_batch(tiny_model_dir, tmp_path):
     run = scripted_run(tiny_model_dir, tmp_path, self_play={"combine_update": True, "proposer_advantage": "grpo_batch"})
     try:

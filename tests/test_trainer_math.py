@@ -215,9 +215,10 @@ def test_dynamic_sampling_refills_the_batch_with_bounded_extra_draws(tmp_path, t
     assert len(trajectories) == 6 + 6 * int(metrics["filter/extra_draws"])
 
 
-def test_dynamic_sampling_is_refused_for_estimators_without_a_group_baseline():
+@pytest.mark.parametrize("estimator", ["gae", "reinforce"])
+def test_dynamic_sampling_is_refused_for_estimators_without_a_group_baseline(estimator):
     with pytest.raises(ConfigError, match="dynamic_sampling"):
-        build_config({"algo": {"advantage": "gae", "dynamic_sampling": True}})
+        build_config({"algo": {"advantage": estimator, "dynamic_sampling": True}})
 
 
 # -- Q10, Q11 ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def overrides(tmp_path, *dotted: str) -> list[str]:
 
 
 @pytest.mark.parametrize("setting,key", [
-    ("algo.advantage=archer", "algo.advantage"),
+    ("algo.advantage=archer", "algo.advantage"), ("algo.advantage=reinforce", "algo.advantage"),
     ("rollout.partial.enabled=true", "rollout.partial.enabled"), ("rollout.engine=openai", "rollout.engine"),
     ("sft.enabled=true", "sft.enabled"), ("algo.dynamic_sampling=true", "algo.dynamic_sampling"),
     ("recipe=spear", "recipe"), ("trainer.minibatch_size=6", "trainer.minibatch_size"),

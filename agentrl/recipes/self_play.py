@@ -228,8 +228,8 @@ class SelfPlayRecipe(Recipe):
             return ([LossBatch(collate(trainable, pad, version), trainable)] if trainable else []), metrics
         parts = []
         if proposers:
-            algo = self.config.algo.model_copy(update={"advantage": "reinforce_pp"}) \
-                if options.proposer_advantage == "reinforce_pp" else None
+            estimator = {"reinforce_pp": "reinforce_pp", "reward": "reinforce"}.get(options.proposer_advantage)
+            algo = self.config.algo.model_copy(update={"advantage": estimator}) if estimator else None
             parts.append(LossBatch(collate(proposers, pad, version), proposers, name="proposer", algo=algo,
                                    temperature=self.proposer_worker.config.temperature))
         if solvers:

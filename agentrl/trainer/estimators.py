@@ -49,6 +49,8 @@ def compute_advantages(batch: TrainBatch, loss_mask: torch.Tensor, algo: AlgoCon
                     "dr_grpo": lambda: adv.dr_grpo_advantages(rewards, groups),
                     "rloo": lambda: adv.rloo_advantages(rewards, groups)}[name]()
         return adv.broadcast_to_tokens(sequence, loss_mask), None
+    if name == "reinforce":  # A = R on every model token: no baseline (verl's GRPO over groups of one)
+        return adv.broadcast_to_tokens(rewards, loss_mask), None
     if name == "reinforce_pp":
         return adv.reinforce_pp_advantages(rewards, loss_mask, algo.gamma, token_kl, algo.kl_coef), None
     if name == "reinforce_pp_baseline":

@@ -59,7 +59,8 @@ def check_supported(config: RunConfig) -> None:
     """Refuse settings that verl 0.9.1 cannot honour, naming the key."""
     algo = config.algo
     if algo.advantage not in ESTIMATORS:
-        reason = "ArCHer's turn-level critic is a second model that verl does not train"
+        reason = {"archer": "ArCHer's turn-level critic is a second model that verl does not train",
+                  "reinforce": "verl 0.9.1 has no baseline-free estimator"}[algo.advantage]
         raise _refuse("algo.advantage", f"{algo.advantage!r} is not available on verl: {reason}; use one of "
                       + ", ".join(ESTIMATORS))
     unsupported = {
