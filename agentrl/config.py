@@ -91,6 +91,9 @@ class RolloutConfig(Section):
     # the HF engine's float32 CPU decoding through oneDNN with packed weights (a second copy of the
     # linear weights); None: wherever it applies
     packed_weights: bool | None = None
+    # The vLLM engine's serving dtype; auto: model.dtype. bfloat16 beside a float32 trainer samples
+    # from a rounded copy of the policy (rollout/logprob_mismatch; algo.is_all_tokens corrects it).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     end_on_format_error: bool = False  # False: the model sees the parse error as an observation and goes on
     # Several tool calls per turn: the turn is not cut at a call's closing tag but ends at EOS.
     parallel_tool_calls: bool = False
@@ -347,6 +350,21 @@ class RunConfig(Section):
     drbot: DrBoTConfig = DrBoTConfig()
     spear: SpearConfig = SpearConfig()
     self_play: SelfPlayConfig = SelfPlayConfig()
+
+    @model_validator(mode="after")
+    def _check_rollout_dtype(self) -> RunConfig:
+        dtype, engine = self.rollout.dtype, self.rollout.engine
+        if self.trainer.backend == "local" and dtype not in ("auto", self.model.dtype) and engine != "vllm":
+            where = ("samples from the trainer's module itself, in model.dtype" if engine == "hf"
+                     else "samples from a server whose weights and dtype are its own")
+            raise ValueError(f"rollout.dtype={dtype}: rollout.engine={engine} {where}; serve another dtype "
+                             "with rollout.engine=vllm, or leave rollout.dtype=auto")
+        return self
+
+    @property
+    def rollout_dtype(self) -> str:
+        """The dtype the rollout engine samples in: ``rollout.dtype``, or ``model.dtype`` for auto."""
+        return self.model.dtype if self.rollout.dtype == "auto" else self.rollout.dtype
 
 
 # -- loading -------------------------------------------------------------------------------------

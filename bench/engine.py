@@ -8,9 +8,11 @@
    apart from the generation; every arm gets one warm-up request first, then ``--repeats`` timed
    passes (the fastest is reported). The greedy outputs of the HF engine and vLLM are compared.
 2. The quickstart's rollout phase with each engine: ``agentrl train configs/quickstart.yaml`` for a
-   few RL steps (the SFT warm start as configured, no evaluations) with ``rollout.engine=hf`` and
-   ``rollout.engine=vllm``; tokens/s is the run's ``generated_tokens`` over ``time/rollout_s``
-   (the update and the weight sync are outside it).
+   few RL steps (the SFT warm start as configured, no evaluations) with ``rollout.engine=hf``,
+   ``rollout.engine=vllm``, and vLLM serving a bfloat16 copy of the float32 policy
+   (``rollout.dtype=bfloat16``); tokens/s is the run's ``generated_tokens`` over ``time/rollout_s``
+   (the update and the weight sync are outside it), and the mismatch is the trainer's
+   ``rollout/logprob_mismatch``.
 
 The HF engine gets ``--threads`` torch threads; the vLLM server gets as many OpenMP threads for
 its worker, less the core its scheduler process keeps (``agentrl.engines.vllm.worker_threads``). The
@@ -117,17 +119,20 @@ def vllm_arm(model_dir, dtype, prompt_ids, max_new_tokens, threads, repeats) -> 
     return outputs, elapsed, startup_s
 
 
-def quickstart_arm(engine: str, steps: int, threads: int, output_dir: Path) -> dict:
-    """A short quickstart run with ``rollout.engine=engine``: its rollout tokens, seconds and step times."""
+def quickstart_arm(engine: str, steps: int, threads: int, output_dir: Path, dtype: str = "auto") -> dict:
+    """A short quickstart run with ``rollout.engine=engine`` serving in ``rollout.dtype=dtype``: its
+    rollout tokens, seconds, step times and the trainer's logprob mismatch with the sampler."""
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    config["rollout"]["engine"] = engine
+    config["rollout"].update(engine=engine, dtype=dtype)
     config["trainer"].update(steps=steps, eval_every=0, eval_before=False, save_every=0, torch_threads=threads)
     config["tracking"] = {**config.get("tracking", {}), "progress": False}
     rows, wall_s = train_in_child(config, output_dir)
     steps_rows = [row for row in rows if "time/rollout_s" in row]
     tokens = sum(row["generated_tokens"] for row in steps_rows)
     rollout_s = sum(row["time/rollout_s"] for row in steps_rows)
-    return {"engine": engine, "steps": len(steps_rows), "tokens": tokens, "rollout_s": rollout_s,
+    mismatch = [row["rollout/logprob_mismatch"] for row in steps_rows if "rollout/logprob_mismatch" in row]
+    return {"engine": engine if dtype == "auto" else f"{engine} {dtype}", "steps": len(steps_rows), "tokens": tokens,
+            "rollout_s": rollout_s, "mismatch": sum(mismatch) / max(len(mismatch), 1),
             "update_s": sum(row["time/update_s"] for row in steps_rows) / max(len(steps_rows), 1),
             "per_step": [row["generated_tokens"] / row["time/rollout_s"] for row in steps_rows], "wall_s": wall_s}
 
@@ -191,20 +196,28 @@ def engines(args) -> tuple[list[str], float, float | None]:
     quick = {}
     if args.quickstart_steps:
         with tempfile.TemporaryDirectory(prefix="agentrl-bench-engine-") as scratch:
-            for engine in ("hf", "vllm"):
-                print(f"quickstart rollout, rollout.engine={engine} ...", flush=True)
-                quick[engine] = quickstart_arm(engine, args.quickstart_steps, args.threads, Path(scratch) / engine)
-                loads.append(f"quickstart {engine} {load_average()}")
+            for engine, dtype in (("hf", "auto"), ("vllm", "auto"), ("vllm", "bfloat16")):
+                name = engine if dtype == "auto" else f"{engine} {dtype}"
+                print(f"quickstart rollout, rollout.engine={engine} rollout.dtype={dtype} ...", flush=True)
+                quick[name] = quickstart_arm(engine, args.quickstart_steps, args.threads,
+                                             Path(scratch) / name.replace(" ", "-"), dtype)
+                loads.append(f"quickstart {name} {load_average()}")
         lines += ["", f"quickstart rollout phase ({args.quickstart_steps} RL steps)",
                   f"{'rollout.engine':<16}{'tokens':>8}{'rollout s':>11}{'tokens/s':>10}{'per step':>24}"
-                  f"{'update s/step':>15}{'run wall s':>12}"]
+                  f"{'update s/step':>15}{'run wall s':>12}{'mismatch':>10}"]
         for result in quick.values():
             per_step = " ".join(f"{r:.0f}" for r in result["per_step"])
             lines.append(f"{result['engine']:<16}{result['tokens']:>8.0f}{result['rollout_s']:>11.1f}"
                          f"{result['tokens'] / result['rollout_s']:>10.1f}{per_step:>24}{result['update_s']:>15.1f}"
-                         f"{result['wall_s']:>12.0f}")
-        quick_ratio = (quick["vllm"]["tokens"] / quick["vllm"]["rollout_s"]) / (quick["hf"]["tokens"] / quick["hf"]["rollout_s"])
-        lines.append(f"vllm/hf rollout tokens/s: {quick_ratio:.2f}x")
+                         f"{result['wall_s']:>12.0f}{result['mismatch']:>10.4f}")
+
+        def rollout_rate(name):
+            return quick[name]["tokens"] / quick[name]["rollout_s"]
+
+        quick_ratio = rollout_rate("vllm") / rollout_rate("hf")
+        lines.append(f"vllm/hf rollout tokens/s: {quick_ratio:.2f}x; vllm bfloat16/hf: "
+                     f"{rollout_rate('vllm bfloat16') / rollout_rate('hf'):.2f}x")
+        lines.append("mismatch: rollout/logprob_mismatch, the mean |log pi_old - log mu| over the sampled tokens")
         rate["quickstart"] = quick_ratio
     lines += ["", "load average (1/5/15 min) after each arm: " + "; ".join(loads)]
     print("\n".join(lines))
@@ -275,8 +288,8 @@ def main() -> None:
         *lines,
         "```",
         "",
-        "The machine's cores were shared with another long benchmark throughout (load averages above); every "
-        "ratio compares arms of this one run under that same load, one after the other.",
+        "Every ratio compares arms of this one run, one after the other; the load averages above say how busy "
+        "the machine was around each.",
         "",
         f"Targets: `rollout.engine=vllm` at least 2x the HF engine's rollout tokens/s in the quickstart: "
         f"{verdict(quick_ratio, 2.0)}. The HF engine at least 1.0x vLLM-CPU in float32: {verdict(hf_vllm, 1.0)}.",

@@ -95,3 +95,16 @@ def test_overrides_do_not_write_into_the_callers_dict():
     config = build_config(data, ["trainer.lr=2e-5", "rollout.group_size=8"])
     assert config.trainer.lr == 2e-5 and config.rollout.group_size == 8
     assert data == {"trainer": {"lr": 1e-5}, "rollout": {"group_size": 4}}
+
+
+@pytest.mark.parametrize("engine", ["hf", "openai"])
+def test_a_serving_dtype_other_than_the_models_needs_the_vllm_engine(engine):
+    with pytest.raises(ConfigError, match=f"rollout.dtype=bfloat16: rollout.engine={engine}"):
+        build_config({}, [f"rollout.engine={engine}", "model.dtype=float32", "rollout.dtype=bfloat16"])
+    assert build_config({}, [f"rollout.engine={engine}", "model.dtype=float32", "rollout.dtype=float32"]).rollout_dtype == "float32"
+
+
+def test_the_vllm_engine_serves_rollout_dtype_or_else_the_models():
+    served = build_config({}, ["rollout.engine=vllm", "model.dtype=float32", "rollout.dtype=bfloat16"])
+    assert (served.model.dtype, served.rollout_dtype) == ("float32", "bfloat16")
+    assert build_config({}, ["rollout.engine=vllm", "model.dtype=float32"]).rollout_dtype == "float32"

@@ -202,6 +202,54 @@ def test_a_weight_update_changes_the_next_generations_to_the_updated_models(engi
     assert [r.token_ids for r in restored] == [r.token_ids for r in before]  # the prefix cache was reset
 
 
+def test_bfloat16_serving_beside_a_float32_trainer(policy):
+    """rollout.dtype=bfloat16: the engine serves a bfloat16 copy of the float32 policy. The weights
+    it loads are bfloat16, its logprobs are the float32 policy's up to rounding (the gap
+    rollout/logprob_mismatch reports), and a weight update still reaches it."""
+    from safetensors import safe_open
+
+    model, tokenizer = policy
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    engine = VLLMEngine(model, tokenizer, dtype="bfloat16", max_model_len=1024, max_num_seqs=8, threads=1,
+                        startup_timeout_s=400)
+    weights = Path(engine.vllm_server.model_dir) / "model.safetensors"
+
+    def stored_dtypes():
+        with safe_open(str(weights), "pt") as f:
+            return {f.get_slice(key).get_dtype() for key in f.keys()}
+
+    try:
+        assert stored_dtypes() == {"BF16"}
+        served = asyncio.run(generate_all(engine, prompts, params))
+        gaps = []
+        for question, result in zip(QUESTIONS, served):
+            ids = chat_ids(tokenizer, question)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + result.token_ids])).logits[0, len(ids) - 1 : -1]
+            fp32 = sampling_logprobs(logits, torch.tensor(result.token_ids), 1.0, 1.0)
+            gaps.append((torch.tensor(result.logprobs) - fp32).abs())
+        gap = torch.cat(gaps)
+        assert gap.max() > LOGPROB_TOLERANCE  # rounded weights: not the float32 numbers
+        assert gap.mean() < 0.1  # but the same policy up to bfloat16 rounding
+
+        layer = model.model.layers[5].mlp.down_proj
+        original = layer.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                layer.weight.mul_(-3.0)
+            engine.update_weights()
+            assert stored_dtypes() == {"BF16"}
+            after = asyncio.run(generate_all(engine, prompts, params))
+            assert [r.token_ids for r in after] != [r.token_ids for r in served]
+        finally:
+            with torch.no_grad():
+                layer.weight.copy_(original)
+    finally:
+        asyncio.run(engine.close())
+    assert not engine.vllm_server.alive()
+
+
 def test_a_prompt_over_the_context_limit_ends_only_its_own_request(engine, policy):
     _, tokenizer = policy
     prompt = chat_ids(tokenizer, "Name a colour.")

@@ -21,7 +21,7 @@ def build_engine(config: Any, model: Any, tokenizer: Any) -> Any:
     if rollout.engine == "vllm":
         from agentrl.engines.vllm import VLLMEngine
 
-        return VLLMEngine(model, tokenizer, dtype=config.model.dtype, max_model_len=rollout.max_model_len,
+        return VLLMEngine(model, tokenizer, dtype=config.rollout_dtype, max_model_len=rollout.max_model_len,
                           max_num_seqs=rollout.max_batch_size, seed=config.trainer.seed,
                           threads=config.trainer.torch_threads)
     from agentrl.config import ConfigError

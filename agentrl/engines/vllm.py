@@ -327,7 +327,7 @@ class VLLMEngine(OpenAIEngine):
         tokenizer.save_pretrained(directory)
         if self.processor is not None:  # vLLM renders the images with the same processor
             self.processor.save_pretrained(directory)
-        self._write_weights(policy_state_dict(module), directory)
+        self._write_weights(policy_state_dict(module), directory, self.vllm_server.dtype)
         return directory
 
     @staticmethod
@@ -426,7 +426,7 @@ class VLLMEngine(OpenAIEngine):
             state_dict = policy_state_dict(self.module)
         directory = Path(self.vllm_server.model_dir) if self.module is not None else self.vllm_server.workdir / "weights"
         directory.mkdir(exist_ok=True)
-        self._write_weights(state_dict, directory)
+        self._write_weights(state_dict, directory, self.vllm_server.dtype)
         with httpx.Client(base_url=self.vllm_server.url, timeout=self.timeout_s) as client:
             for path, params, body in (("/pause", {"mode": "wait"}, None),
                                        ("/collective_rpc", None, {"method": "reload_weights",
@@ -438,10 +438,15 @@ class VLLMEngine(OpenAIEngine):
         self.weight_syncs += 1
 
     @staticmethod
-    def _write_weights(state_dict: dict, directory: Path) -> None:
+    def _write_weights(state_dict: dict, directory: Path, dtype: str = "auto") -> None:
+        """Floating-point weights are written in the serving ``dtype`` (half the bytes of float32
+        for bfloat16; the server would round them to it on loading all the same)."""
+        import torch
         from safetensors.torch import save_file
 
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+        cast = None if dtype == "auto" else getattr(torch, dtype)
+        tensors = {key: value.detach().to("cpu", dtype=cast if cast is not None and value.is_floating_point() else None)
+                   .contiguous() for key, value in state_dict.items()}
         staging = directory / "model.safetensors.partial"
         save_file(tensors, str(staging), metadata={"format": "pt"})
         os.replace(staging, directory / "model.safetensors")  # the server never sees half a file

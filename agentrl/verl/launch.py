@@ -211,6 +211,8 @@ def verl_overrides(config: RunConfig, data_dir: str | Path) -> list[str]:
         "+agentrl.config": str(data / "agentrl.yaml"),
         "hydra.run.dir": str(Path(config.output_dir).resolve() / "verl"),  # verl's own logs, in the run's directory
     }
+    if rollout.dtype != "auto":  # auto: verl's own default (bfloat16 serving)
+        settings["actor_rollout_ref.rollout.dtype"] = rollout.dtype
     if config.model.lora.enabled:
         lora = config.model.lora
         settings.update({f"{model}.lora_rank": lora.r, f"{model}.lora_alpha": lora.alpha,
