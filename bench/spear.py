@@ -2,7 +2,8 @@
 
 Both arms run their config (configs/spear.yaml, configs/drbot.yaml: the same budget and settings;
 SPEAR adds the tool-call curriculum and the self-imitation replay) for the same steps and seeds,
-each in its own process, one after the other, SmolLM2-135M-Instruct on fictional search questions.
+each in its own process, one after the other (``--arms`` runs some of them, so two processes can
+run a seed's arms at once, under the same load), SmolLM2-135M-Instruct on fictional search questions.
 Two tasks (``--task``):
 
 - ``multi-hop`` (the default): two- and three-hop questions (who founded the company, where was
@@ -14,7 +15,8 @@ Two tasks (``--task``):
   one-hop demonstrations (every one-hop question right, every two-hop one wrong: no signal).
 
 Recorded: held-out success over the steps (mean and spread over seeds), the policy's entropy curve,
-and the step time of SPEAR relative to Dr.BoT. ``--resume`` keeps every finished run's result.
+and the step time of SPEAR relative to Dr.BoT, pooled and per seed. ``--resume`` keeps every
+finished run's result.
 
     .venv/bin/python bench/spear.py                                   # 3 seeds x 2 arms, recorded
     .venv/bin/python bench/spear.py --seeds 0 --steps 1 --eval-size 4 --demos 2 --no-record   # smoke
@@ -158,7 +160,12 @@ def summary(results: list[dict]) -> list[str]:
         lines.append(f"{arm:<7} {spread(start):<22} {spread(end):<22} {step_time[arm]:6.1f} s"
                      f"          {statistics.mean(r['replays'] for r in rows):.1f}")
     if len(step_time) == 2:
-        lines.append(f"SPEAR / Dr.BoT step time: {step_time['spear'] / step_time['drbot']:.2f}x")
+        per_seed = {r["seed"]: {} for r in results}
+        for r in results:
+            per_seed[r["seed"]][r["arm"]] = statistics.mean(r["step_s"])
+        ratios = ", ".join(f"seed {seed}: {t['spear'] / t['drbot']:.2f}x" for seed, t in sorted(per_seed.items())
+                           if len(t) == 2)
+        lines.append(f"SPEAR / Dr.BoT step time: {step_time['spear'] / step_time['drbot']:.2f}x ({ratios})")
         ends = {arm: statistics.mean(r["eval"][-1][1] for r in results if r["arm"] == arm) for arm in ARMS}
         lines.append(f"SPEAR - Dr.BoT held-out success at the end: {100 * (ends['spear'] - ends['drbot']):+.1f} points")
     for arm in ARMS:
@@ -181,6 +188,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/bench-spear")
     parser.add_argument("--no-record", action="store_true", help="do not edit BENCHMARKS.md")
     parser.add_argument("--resume", action="store_true", help="keep the results of runs that finished before")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="run only these arms (two processes can run a seed's arms at once, under the same load)")
     args = parser.parse_args()
     output, started, results = ROOT / args.output_dir, time.perf_counter(), []
     warm_config = None  # one-hop: each arm's own warm start
@@ -193,7 +202,7 @@ def main() -> None:
         if warm_config is not None:
             start = estimators.finished(output / f"warm-start-seed{seed}", args.resume, estimators.warm_start,
                                         warm_config, seed)
-        for arm in ARMS:  # the arms alternate, so a change of machine load hits both alike
+        for arm in args.arms:  # the arms alternate, so a change of machine load hits both alike
             results.append(estimators.finished(output / f"{arm}-seed{seed}", args.resume, run_one, arm, seed, args,
                                                start))
     total_s = time.perf_counter() - started
@@ -213,7 +222,7 @@ def main() -> None:
         f"greedy on {args.eval_size} questions (mean +- std over seeds). Curves: docs/spear_bench.png.",
         "",
         "```",
-        f"{command}   # {datetime.date.today().isoformat()}, total {total_s / 60:.0f} min",
+        f"{command}   # {datetime.date.today().isoformat()}, {sum(r['wall_s'] for r in results) / 60:.0f} min of RL runs",
         *lines,
         "```",
         "",
