@@ -94,6 +94,10 @@ class RolloutConfig(Section):
     # The vLLM engine's serving dtype; auto: model.dtype. bfloat16 beside a float32 trainer samples
     # from a rounded copy of the policy (rollout/logprob_mismatch; algo.is_all_tokens corrects it).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # vLLM on a GPU the local trainer also uses: the share of that GPU's memory vLLM may take (its
+    # weights and KV cache); None: 0.5, verl's default, which verl also keeps. The local trainer's
+    # server then sleeps through each update (KV cache freed, weights moved to host memory).
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, lt=1.0)
     end_on_format_error: bool = False  # False: the model sees the parse error as an observation and goes on
     # Several tool calls per turn: the turn is not cut at a call's closing tag but ends at EOS.
     parallel_tool_calls: bool = False

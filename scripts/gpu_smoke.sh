@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU smoke run: two GRPO steps through verl with the agentrl agent loop and the search tool,
 # then two steps of the local trainer on the GPU (trainer.device=cuda) with the HF engine in bf16,
-# its checkpoint loaded back on the CPU and resumed on the GPU, then two steps with the vLLM engine,
-# on the quickstart task; prints tokens/s and seconds per step for each.
+# its checkpoint loaded back on the CPU and resumed on the GPU, then two steps with the vLLM engine
+# (its server on the trainer's GPU, with rollout.gpu_memory_utilization and asleep through each
+# update), on the quickstart task; prints tokens/s and seconds per step for each.
 #
 #   pip install -e ".[gpu]"            # verl[vllm]==0.9.1 (vLLM, torch and transformers as verl pins them)
 #   scripts/gpu_smoke.sh MODEL_DIR [OUT_DIR]

@@ -63,7 +63,8 @@ VARIANTS = {
         "algo.kl_loss_type=k2", "model.lora.enabled=true", "algo.loss_agg=dr-grpo", "verl.nnodes=2",
         "verl.n_gpus_per_node=4", "trainer.micro_batch_size=1", "verl.rollout_name=sglang", "verl.overrides=[trainer.v1.trainer_mode=separate_async]"],
     "reinforce++ with the KL in the reward": ["algo.advantage=reinforce_pp", "algo.kl_coef=0.001", "algo.gamma=0.99"],
-    "gae": ["algo.advantage=gae", "algo.dual_clip=3.0", "algo.kl_cov_ratio=0.002", "rollout.dtype=float16"],
+    "gae": ["algo.advantage=gae", "algo.dual_clip=3.0", "algo.kl_cov_ratio=0.002", "rollout.dtype=float16",
+            "rollout.gpu_memory_utilization=0.35"],
 }
 
 
@@ -107,7 +108,9 @@ def test_the_dry_run_composes_against_verls_own_config(tmp_path, variant):
         assert config.critic.model.path == config.actor_rollout_ref.model.path
         assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "agentrl_kl_cov"
         assert config.actor_rollout_ref.rollout.dtype == "float16"
+        assert config.actor_rollout_ref.rollout.gpu_memory_utilization == 0.35
     if variant == "grpo":
         assert config.actor_rollout_ref.actor.policy_loss.loss_mode == "agentrl_ppo_clip"
         assert config.actor_rollout_ref.rollout.dtype == "bfloat16"  # rollout.dtype=auto: verl's own default
+        assert config.actor_rollout_ref.rollout.gpu_memory_utilization == 0.5  # None: verl's own default
         assert config.actor_rollout_ref.actor.clip_ratio_c == 1.0  # agentrl's default: no dual clip

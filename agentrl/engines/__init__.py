@@ -21,9 +21,12 @@ def build_engine(config: Any, model: Any, tokenizer: Any) -> Any:
     if rollout.engine == "vllm":
         from agentrl.engines.vllm import VLLMEngine
 
+        # On the trainer's GPU the server takes a share of its memory and sleeps through each update.
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        share = (rollout.gpu_memory_utilization or 0.5) if on_gpu else None
         return VLLMEngine(model, tokenizer, dtype=config.rollout_dtype, max_model_len=rollout.max_model_len,
                           max_num_seqs=rollout.max_batch_size, seed=config.trainer.seed,
-                          threads=config.trainer.torch_threads)
+                          threads=config.trainer.torch_threads, gpu_memory_utilization=share, sleep=on_gpu)
     from agentrl.config import ConfigError
 
     raise ConfigError(f"rollout.engine={rollout.engine}: the local trainer cannot put its updated weights into a server "

@@ -21,8 +21,10 @@ client went away. Weights: :meth:`VLLMEngine.update_weights` writes the policy's
 merged in, never mutating the module) as one safetensors file, then asks the server to pause
 (letting running requests finish), ``collective_rpc("reload_weights", weights_path=...)`` (vLLM's
 in-place reload into the loaded model, no restart), reset its prefix cache and resume. The policy
-version follows. Sleep and wake (freeing the engine's memory during the update) exist in vLLM only
-on GPUs; on the CPU the server keeps its KV cache (``kv_cache_gib``) through the update.
+version follows. On the trainer's GPU the server takes ``gpu_memory_utilization`` of its memory and
+runs in sleep mode: :meth:`VLLMEngine.release_memory`, which the trainer calls before each update,
+puts it to sleep (KV cache freed, weights moved to host memory) and the next update or request wakes
+it. vLLM sleeps on GPUs only; on the CPU the server keeps its KV cache (``kv_cache_gib``).
 
 The server runs in a process group of its own under a small shell that kills the whole group once
 the training process is gone, so a crashed trainer leaves no vLLM process behind.
@@ -147,8 +149,11 @@ class VLLMServer:
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 32, seed: int = 0, kv_cache_gib: float = 1.0, threads: int | None = None,
                  startup_timeout_s: float = 600.0, python: str | None = None, extra_args: tuple[str, ...] = (),
-                 multimodal: bool = False):
+                 multimodal: bool = False, gpu_memory_utilization: float | None = None):
         self.model_dir = str(model_dir)
+        # set where the server shares a GPU with the trainer: its share of the GPU's memory, and
+        # sleep mode, which frees that memory during an update (vLLM sleeps on GPUs only)
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.multimodal = multimodal  # serve /inference/v1/generate, the endpoint that takes images
         self.python = python or vllm_python()
         self.dtype, self.max_model_len, self.max_num_seqs, self.seed = dtype, max_model_len, max_num_seqs, seed
@@ -173,6 +178,8 @@ class VLLMServer:
             args += ["--max-model-len", str(self.max_model_len)]
         if self.multimodal:
             args.append("--enable-scale-out")
+        if self.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}", "--enable-sleep-mode"]
         return args + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -293,13 +300,17 @@ class VLLMEngine(OpenAIEngine):
     def __init__(self, module=None, tokenizer=None, *, model_dir: str | Path | None = None, dtype: str = "float32",
                  max_model_len: int | None = None, max_num_seqs: int = 32, seed: int = 0,
                  kv_cache_gib: float = 1.0, threads: int | None = None, startup_timeout_s: float = 600.0,
-                 timeout_s: float = 600.0, python: str | None = None):
+                 timeout_s: float = 600.0, python: str | None = None, gpu_memory_utilization: float | None = None,
+                 sleep: bool = False):
         if model_dir is None and (module is None or tokenizer is None):
             raise ValueError("VLLMEngine needs the policy module and its tokenizer, or a model_dir to serve")
         self.vllm_server = VLLMServer(model_dir or "", dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                  seed=seed, kv_cache_gib=kv_cache_gib, threads=threads,
-                                 startup_timeout_s=startup_timeout_s, python=python)
+                                 startup_timeout_s=startup_timeout_s, python=python,
+                                 gpu_memory_utilization=gpu_memory_utilization)
         self.module = module
+        self.sleep = sleep  # release_memory() puts the server to sleep until the next update or request
+        self._sleeping = False
         self.processor, self.unsampled_token_ids = vision_parts(module, tokenizer, model_dir)
         self.vllm_server.multimodal = self.processor is not None
         self._image_blocks: dict[tuple[int, int], list[int]] = {}
@@ -363,7 +374,7 @@ class VLLMEngine(OpenAIEngine):
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        images: ImageInputs | None = None) -> GenerationResult:
         """``images``: the images whose blocks ``prompt_ids`` holds, in order (vision-language models)."""
-        if self._weights_stale:
+        if self._weights_stale or self._sleeping:
             import asyncio
 
             await asyncio.to_thread(self._sync_if_stale)
@@ -417,15 +428,42 @@ class VLLMEngine(OpenAIEngine):
         sample from them and carry the next policy version. Running requests finish first, on the
         weights they started with."""
         with self._weights_lock:
+            self._wake()
             self.push_weights(state_dict)
             self._policy_version += 1
             self._weights_stale = False
 
     def _sync_if_stale(self) -> None:
         with self._weights_lock:
+            self._wake()  # after an update that was skipped: the weights it slept with are current
             if self._weights_stale:
                 self.push_weights()
                 self._weights_stale = False
+
+    def release_memory(self) -> None:
+        """Called by the trainer before each update. With ``sleep`` the server lets its running
+        requests finish and sleeps: at level 1 vLLM frees the KV cache and moves the weights to
+        host memory, so the update has the GPU to itself. The next weight update or request wakes
+        it. (vLLM sleeps on GPUs only; on the CPU the same calls pause and resume the server.)"""
+        if not self.sleep:
+            return
+        with self._weights_lock:
+            if not self._sleeping:
+                self._control(("/sleep", {"level": 1, "mode": "wait"}, None))
+                self._sleeping = True
+
+    def _wake(self) -> None:
+        if self._sleeping:
+            self._control(("/wake_up", None, None))
+            self._sleeping = False
+
+    def _control(self, *calls: tuple[str, dict | None, dict | None]) -> None:
+        """POST each ``(path, query, json)`` to the server's development endpoints, in order."""
+        with httpx.Client(base_url=self.vllm_server.url, timeout=self.timeout_s) as client:
+            for path, params, body in calls:
+                response = client.post(path, params=params, json=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
 
     def push_weights(self, state_dict: dict | None = None) -> None:
         """Write the weights as safetensors and reload them into the running server in place."""
@@ -436,14 +474,9 @@ class VLLMEngine(OpenAIEngine):
         directory = Path(self.vllm_server.model_dir) if self.module is not None else self.vllm_server.workdir / "weights"
         directory.mkdir(exist_ok=True)
         self._write_weights(state_dict, directory, self.vllm_server.dtype)
-        with httpx.Client(base_url=self.vllm_server.url, timeout=self.timeout_s) as client:
-            for path, params, body in (("/pause", {"mode": "wait"}, None),
-                                       ("/collective_rpc", None, {"method": "reload_weights",
-                                                                  "kwargs": {"weights_path": str(directory)}}),
-                                       ("/reset_prefix_cache", None, None), ("/resume", None, None)):
-                response = client.post(path, params=params, json=body)
-                if response.status_code != 200:
-                    raise RuntimeError(f"vLLM {path} answered {response.status_code}: {response.text[:300]}")
+        self._control(("/pause", {"mode": "wait"}, None),
+                      ("/collective_rpc", None, {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}}),
+                      ("/reset_prefix_cache", None, None), ("/resume", None, None))
         self.weight_syncs += 1
 
     @staticmethod

@@ -213,6 +213,8 @@ def verl_overrides(config: RunConfig, data_dir: str | Path) -> list[str]:
     }
     if rollout.dtype != "auto":  # auto: verl's own default (bfloat16 serving)
         settings["actor_rollout_ref.rollout.dtype"] = rollout.dtype
+    if rollout.gpu_memory_utilization is not None:
+        settings["actor_rollout_ref.rollout.gpu_memory_utilization"] = rollout.gpu_memory_utilization
     if config.model.lora.enabled:
         lora = config.model.lora
         settings.update({f"{model}.lora_rank": lora.r, f"{model}.lora_alpha": lora.alpha,
