@@ -289,6 +289,9 @@ class SelfPlayConfig(Section):
     combine_update: bool = False  # one loss batch of both roles instead of proposer, then solver
     pool_clear_every: int = Field(10, gt=0)
     pool_max_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # pool problems solved more often are not reused
+    # slots one pool problem may fill, over all steps (None: no bound, as the reference); with few
+    # valid questions an unbounded pool trains the solver on one question again and again
+    pool_max_uses: int | None = Field(None, gt=0)
     judge_url: str | None = None  # an OpenAI-compatible endpoint (.../v1) for semantic answer matches
     judge_model: str = "judge"
     judge_timeout_s: float = Field(30.0, gt=0.0)  # per attempt

@@ -59,8 +59,12 @@ def reuse_warm_start(source: Path, target: Path, overrides: list[str]) -> float:
     it was made with the settings this run would use; returns the time it took when it was made."""
     from agentrl.config import load_config
 
-    made = yaml.safe_load((source / "config.yaml").read_text())
-    wanted = load_config(ROOT / CONFIG, overrides).model_dump(mode="json")
+    wanted = load_config(ROOT / CONFIG, overrides)
+    # read through the config's model, so that settings added since then compare as their defaults
+    made = type(wanted).model_validate(yaml.safe_load((source / "config.yaml").read_text())).model_dump(mode="json")
+    wanted = wanted.model_dump(mode="json")
+    for settings in (made, wanted):  # the pool acts only in RL steps, not in the warm start
+        settings["self_play"] = {k: v for k, v in settings.get("self_play", {}).items() if not k.startswith("pool_")}
     differ = [key for key in WARM_SECTIONS if made.get(key) != wanted.get(key)]
     if differ:
         raise SystemExit(f"{source} was warm-started with other {', '.join(differ)} settings than this run's")

@@ -344,6 +344,25 @@ def test_problems_above_the_success_threshold_are_not_reused():
     assert [p.question for p in pool.fill([None, None], step=2)] == ["question 2?"] * 2
 
 
+def test_a_pool_problem_fills_at_most_max_uses_slots_over_all_steps():
+    pool = ProblemPool(max_uses=3)
+    pool.add(problem(1))
+    first = pool.fill([None, None], step=1)
+    second = pool.fill([None, None], step=2)  # one use left: the other slot is a placeholder
+    assert [p.placeholder for p in first + second] == [False, False, False, True]
+    assert pool.problems[0].uses == 3 and pool.reused_total == 3 and pool.placeholders_total == 1
+    pool.add(problem(2))
+    assert {p.question for p in pool.fill([None] * 3, step=3) if not p.placeholder} == {"question 2?"}
+    restored = ProblemPool()
+    restored.load_state_dict(json.loads(json.dumps(pool.state_dict())))
+    assert restored.max_uses == 3 and restored.state_dict() == pool.state_dict()
+    unbounded = ProblemPool()
+    unbounded.add(problem(1))
+    assert not any(p.placeholder for p in unbounded.fill([None] * 10, step=1))
+    with pytest.raises(ValueError, match="max_uses"):
+        ProblemPool(max_uses=0)
+
+
 def test_the_pool_is_cleared_every_k_steps():
     pool = ProblemPool(clear_every=3)
     cleared = []

@@ -328,17 +328,22 @@ class ProblemPool:
     ``extraction_failure.strategy = reuse``).
 
     Each empty slot takes a uniform draw (with replacement) from the problems whose measured success
-    rate is at most ``max_success_rate`` (script: 1.0, i.e. all); the draw uses
+    rate is at most ``max_success_rate`` (script: 1.0, i.e. all) and, with ``max_uses``, that have
+    filled fewer slots than that (script: no bound); the draw uses
     ``random.Random(f"{seed}:{step}")`` so no RNG state needs saving. Only when none qualifies is the
     slot a placeholder (marked, so the wiring can keep it out of the loss; the reference trains on its
     dummy). The pool is emptied after every ``clear_every``-th step (script: 10, ``keep_ratio = 0``).
     """
 
-    def __init__(self, clear_every: int = 10, max_success_rate: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, clear_every: int = 10, max_success_rate: float = 1.0, seed: int = 0,
+                 max_uses: int | None = None) -> None:
         if clear_every < 1:
             raise ValueError(f"clear_every must be at least 1, not {clear_every}")
+        if max_uses is not None and max_uses < 1:
+            raise ValueError(f"max_uses must be at least 1 (or None: no bound), not {max_uses}")
         self.clear_every = clear_every
         self.max_success_rate = max_success_rate
+        self.max_uses = max_uses
         self.seed = seed
         self.problems: list[Problem] = []
         self.reused_total = 0
@@ -358,6 +363,8 @@ class ProblemPool:
         eligible = [p for p in self.problems if p.success_rate is None or p.success_rate <= self.max_success_rate]
         filled = []
         for slot in slots:
+            if slot is None:
+                eligible = [p for p in eligible if self.max_uses is None or p.uses < self.max_uses]
             if slot is None and eligible:
                 slot = rng.choice(eligible)
                 slot.uses += 1
@@ -383,11 +390,12 @@ class ProblemPool:
 
     def state_dict(self) -> dict[str, Any]:
         return {"clear_every": self.clear_every, "max_success_rate": self.max_success_rate, "seed": self.seed,
-                "problems": [asdict(p) for p in self.problems], "reused_total": self.reused_total,
+                "max_uses": self.max_uses, "problems": [asdict(p) for p in self.problems], "reused_total": self.reused_total,
                 "placeholders_total": self.placeholders_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clear_every, self.max_success_rate, self.seed = state["clear_every"], state["max_success_rate"], state["seed"]
+        self.max_uses = state.get("max_uses")  # checkpoints written before the bound existed have none
         self.problems = [Problem(**p) for p in state["problems"]]
         self.reused_total, self.placeholders_total = state["reused_total"], state["placeholders_total"]
 

@@ -70,7 +70,8 @@ class SelfPlayRecipe(Recipe):
         if not self.answers:
             raise ValueError(f"no answers with hops in {options.hops} in {options.answers or ANSWERS_PATH}")
         self.answer_position = 0
-        self.pool = ProblemPool(options.pool_clear_every, options.pool_max_success_rate, config.trainer.seed)
+        self.pool = ProblemPool(options.pool_clear_every, options.pool_max_success_rate, config.trainer.seed,
+                                max_uses=options.pool_max_uses)
         self.rules = QuestionRules(options.min_chars, options.max_chars, options.min_words, options.min_searches,
                                    options.allow_repeated_searches, options.forbid_answer_in_queries)
         self.judge = Judge(options.judge_url, options.judge_model, options.judge_timeout_s, options.judge_attempts) \
