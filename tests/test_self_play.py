@@ -353,12 +353,15 @@ def test_a_pool_problem_fills_at_most_max_uses_slots_over_all_steps():
     assert pool.problems[0].uses == 3 and pool.reused_total == 3 and pool.placeholders_total == 1
     pool.add(problem(2))
     assert {p.question for p in pool.fill([None] * 3, step=3) if not p.placeholder} == {"question 2?"}
-    restored = ProblemPool()
-    restored.load_state_dict(json.loads(json.dumps(pool.state_dict())))
-    assert restored.max_uses == 3 and restored.state_dict() == pool.state_dict()
-    unbounded = ProblemPool()
-    unbounded.add(problem(1))
-    assert not any(p.placeholder for p in unbounded.fill([None] * 10, step=1))
+    # The bound is the config's, whatever the pool was saved with: resumed with it, both problems
+    # have filled their 3 slots; resumed without it, they fill every slot.
+    saved = json.loads(json.dumps(pool.state_dict()))
+    restored, unbounded = ProblemPool(max_uses=3), ProblemPool()
+    restored.load_state_dict(saved)
+    unbounded.load_state_dict(saved)
+    assert restored.state_dict() == pool.state_dict()
+    assert all(p.placeholder for p in restored.fill([None] * 2, step=4))
+    assert not any(p.placeholder for p in unbounded.fill([None] * 2, step=4))
     with pytest.raises(ValueError, match="max_uses"):
         ProblemPool(max_uses=0)
 
@@ -379,7 +382,7 @@ def test_pool_state_dict_round_trip_gives_the_same_draws():
         pool.add(problem(i, success=i / 10))
     pool.fill([None] * 4, step=1)
     state = json.loads(json.dumps(pool.state_dict()))  # plain data
-    restored = ProblemPool()
+    restored = ProblemPool(clear_every=5, seed=11)
     restored.load_state_dict(state)
     assert restored.state_dict() == pool.state_dict()
     assert [p.question for p in restored.fill([None] * 8, step=2)] == [p.question for p in pool.fill([None] * 8, step=2)]

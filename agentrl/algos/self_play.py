@@ -389,13 +389,12 @@ class ProblemPool:
                 "self_play/pool_max_uses": float(max((p.uses for p in self.problems), default=0))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clear_every": self.clear_every, "max_success_rate": self.max_success_rate, "seed": self.seed,
-                "max_uses": self.max_uses, "problems": [asdict(p) for p in self.problems], "reused_total": self.reused_total,
+        """The pool's contents and totals; its settings come from the run's config, so that a run
+        resumed with other settings (a bound added since) uses them."""
+        return {"problems": [asdict(p) for p in self.problems], "reused_total": self.reused_total,
                 "placeholders_total": self.placeholders_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clear_every, self.max_success_rate, self.seed = state["clear_every"], state["max_success_rate"], state["seed"]
-        self.max_uses = state.get("max_uses")  # checkpoints written before the bound existed have none
         self.problems = [Problem(**p) for p in state["problems"]]
         self.reused_total, self.placeholders_total = state["reused_total"], state["placeholders_total"]
 
