@@ -146,7 +146,9 @@ def test_a_spear_step_buffers_positive_rows_replays_them_and_logs_both_batches(t
     replays = [r for r in rows if r["spear/replay_event"] == 1.0 and r["spear/replay_rows"] > 0]
     assert replays, [(r["spear/buffer_rows"], r["spear/buffer_rows_above_baseline"]) for r in rows]
     for row in replays:  # the replay batch trained, at the ramp's weight, after the on-policy one
-        assert row["sil/rows"] == row["spear/replay_rows"] and row["sil/updates"] >= 1
+        assert row["sil/rows"] == row["spear/replay_rows"]
+        # rows whose recalibrated advantages are all 0 carry no signal: their step is skipped, not taken
+        assert (row["sil/updates"] >= 1) == (row["spear/replay_advantage_max"] > 0) != (row["sil/zero_grad_skipped"] > 0)
         assert row["sil/weight"] == pytest.approx(spear.sil_weight(row["step"], 1.0, 2))
         assert "sil/clip_fraction" in row and "clip_fraction" in row
         assert row["spear/replay_advantage_min"] >= 0.0

@@ -192,6 +192,42 @@ def test_the_trainer_counts_skipped_non_finite_steps(tmp_path, tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
 
 
+def test_a_step_with_a_zero_gradient_leaves_the_weights_and_adams_moments_alone():
+    layer = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.01)
+    layer(torch.ones(1, 3)).sum().backward()
+    assert clip_and_step(optimizer, list(layer.parameters()), 1.0)[1]
+    before = [p.detach().clone() for p in layer.parameters()]
+    moments = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in layer.parameters()}
+    optimizer.zero_grad(set_to_none=True)
+    (layer(torch.ones(1, 3)) * 0.0).sum().backward()  # every advantage zero: gradients exist and are all 0
+    grad_norm, stepped = clip_and_step(optimizer, list(layer.parameters()), 1.0)
+    assert grad_norm == 0.0 and not stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert all(torch.equal(v, moments[id(p)][k]) for p in layer.parameters() for k, v in optimizer.state[p].items())
+
+
+def test_a_batch_with_no_learning_signal_after_a_real_step_changes_no_weight(tmp_path, tiny_model_dir):
+    """Adam's momentum from the first step would move every weight again on a batch whose rewards
+    are all equal (GRPO advantages all zero), as on a self-play step whose proposals are all invalid."""
+    run = build_run(tiny_run_config(tmp_path, tiny_model_dir))
+    reward = run.env.reward
+    try:
+        run.env.reward = lambda task, trajectory: reward(task, trajectory).__class__((sum(trajectory.response_ids) % 7) / 7)
+        first, _ = train_step(run)
+        assert "update/skipped" not in first and first["grad_norm"] > 0
+        before = [p.detach().clone() for p in run.model.parameters()]
+        version = run.engine.policy_version
+        run.env.reward = lambda task, trajectory: reward(task, trajectory).__class__(0.5)
+        second, _ = train_step(run)
+    finally:
+        close_run(run)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
+    assert second["update/zero_grad_skipped"] == 1.0 and second["update/skipped"] == 1.0
+    assert "grad_norm" not in second and second["update/nonfinite_skipped"] == 0.0
+    assert run.engine.policy_version == version  # no weights sent for an update that changed nothing
+
+
 # -- Q6: dynamic sampling refills the batch ---------------------------------------------------------
 
 

@@ -11,12 +11,16 @@ def clip_and_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Pa
 
     A NaN or inf gradient (an overflow anywhere in the batch) would be written into the weights and
     the optimizer moments for good; that step is skipped instead and the gradients dropped (as
-    verl's actor does). ``separately_clipped`` groups (a value head) get a norm budget of their own,
-    so one loss cannot use up the other's. Returns ``(grad_norm of parameters, stepped)``.
+    verl's actor does). A gradient that is zero everywhere (every advantage of the batch zero, no
+    other loss term) skips the step too: Adam would still move each weight along its momentum, by
+    about two thirds of the previous step's size right after one, and AdamW would decay it, with
+    nothing learned. ``separately_clipped`` groups (a value head) get a norm budget of their own, so
+    one loss cannot use up the other's. Returns ``(grad_norm of parameters, stepped)``.
     """
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     others = [torch.nn.utils.clip_grad_norm_(group, max_grad_norm) for group in separately_clipped]
-    if not all(torch.isfinite(norm) for norm in [grad_norm, *others]):
+    norms = [grad_norm, *others]
+    if not all(torch.isfinite(norm) for norm in norms) or all(float(norm) == 0.0 for norm in norms):
         optimizer.zero_grad(set_to_none=True)
         return float(grad_norm), False
     optimizer.step()

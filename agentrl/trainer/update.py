@@ -75,18 +75,22 @@ class LossBatch:
 @dataclass
 class StepCounts:
     """The optimizer steps of one batch's update: minibatches seen, steps taken, steps skipped for a
-    non-finite gradient norm, and the summed norm of the steps taken (under ``grad_key``)."""
+    non-finite gradient norm, steps skipped for a zero gradient (nothing to learn), and the summed
+    norm of the steps taken (under ``grad_key``)."""
 
     grad_key: str
     minibatches: int = 0
     updates: int = 0
     skipped: int = 0
+    zero: int = 0
 
     def record(self, sums: dict[str, float], grad_norm: float, stepped: bool) -> None:
         self.minibatches += 1
         if stepped:
             sums[self.grad_key] = sums.get(self.grad_key, 0.0) + grad_norm
             self.updates += 1
+        elif grad_norm == 0.0:
+            self.zero += 1
         else:
             self.skipped += 1
 
@@ -116,7 +120,7 @@ def update(run: Any, parts: list[LossBatch], step: int) -> dict[str, float]:
             part.old_logprobs = part.old_logprobs.cpu()
         prefix = "" if part.name == "policy" else f"{part.name}/"
         metrics.update({key if key.startswith(prefix) else f"{prefix}{key}": value for key, value in result.items()
-                        if not (prefix and key == "update/skipped")})
+                        if key != "update/skipped"})  # set below, for the step as a whole
     if not stepped:
         metrics["update/skipped"] = 1.0
     return metrics
@@ -293,6 +297,9 @@ def update_policy(run: Any, part: LossBatch, step: int) -> dict[str, float]:
     run.model.eval()
     metrics.update(counts.means(sums))
     metrics["update/nonfinite_skipped"] = float(counts.skipped)
+    metrics["update/zero_grad_skipped"] = float(counts.zero)
+    if not counts.updates:  # the policy is as it was: no weights to send, nothing turns stale
+        metrics["update/skipped"] = 1.0
     metrics["rollout/logprob_mismatch"] = mismatch[0] / max(mismatch[1], 1.0)
     if stale_weights[1]:
         metrics["rollout/stale_is_weight_mean"] = stale_weights[0] / stale_weights[1]
@@ -383,7 +390,7 @@ def update_replay(run: Any, part: LossBatch, step: int) -> dict[str, float]:
     metrics = counts.means(sums)
     metrics["sil/weight"] = float(part.weight)
     metrics.update({"sil/rows": float(batch.size), "sil/updates": float(counts.updates),
-                    "sil/nonfinite_skipped": float(counts.skipped)})
+                    "sil/nonfinite_skipped": float(counts.skipped), "sil/zero_grad_skipped": float(counts.zero)})
     if not counts.updates:
         metrics["update/skipped"] = 1.0
     return metrics
