@@ -287,6 +287,9 @@ class SelfPlayConfig(Section):
     spam_limit: int = Field(10, gt=0)  # more <answer> or </answer> tags than this divide the solver reward by 4
     proposer_advantage: Literal["reinforce_pp", "grpo_batch", "reward"] = "reinforce_pp"
     combine_update: bool = False  # one loss batch of both roles instead of proposer, then solver
+    # the roles whose trajectories enter the loss; the others are still sampled, checked and scored
+    # (an ablation: [solver] trains the solver on questions from a proposer that does not learn)
+    train_roles: list[Literal["proposer", "solver"]] = Field(default_factory=lambda: ["proposer", "solver"], min_length=1)
     pool_clear_every: int = Field(10, gt=0)
     pool_max_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # pool problems solved more often are not reused
     # slots one pool problem may fill, over all steps (None: no bound, as the reference); with few
@@ -303,6 +306,8 @@ class SelfPlayConfig(Section):
         if self.combine_update and self.proposer_advantage != "grpo_batch":
             raise ValueError("self_play.combine_update trains both roles with the run's estimator: set "
                              "self_play.proposer_advantage=grpo_batch (the step's proposals as one GRPO group)")
+        if len(set(self.train_roles)) != len(self.train_roles):
+            raise ValueError(f"self_play.train_roles names a role twice: {self.train_roles}")
         return self
 
 

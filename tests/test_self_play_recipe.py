@@ -221,6 +221,26 @@ def test_a_combined_update_trains_both_roles_in_one_batch(tiny_model_dir, tmp_pa
         build_config({"self_play": {"combine_update": True}})
 
 
+@pytest.mark.parametrize("roles", [["solver"], ["proposer"]])
+def test_train_roles_leaves_the_other_roles_trajectories_out_of_the_loss(tiny_model_dir, tmp_path, roles):
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2, "train_roles": roles},
+                       trainer={"prompts_per_step": 6, "micro_batch_size": 8})
+    try:
+        trajectories, metrics = collect_scored(run)
+        trainable, _, _ = run.recipe.select(trajectories, 1)
+        parts, _ = run.recipe.loss_batches(trainable, 1)
+    finally:
+        close_run(run)
+    assert role(trainable, "proposer") and role(trainable, "solver")  # both sampled and scored
+    assert metrics["self_play/valid_rate"] > 0
+    assert [p.name for p in parts] == roles
+    assert {t.metadata[ROLE]["role"] for p in parts for t in p.trajectories} == set(roles)
+    with pytest.raises(ValueError, match="twice"):
+        build_config({"self_play": {"train_roles": ["solver", "solver"]}})
+    with pytest.raises(ValueError):
+        build_config({"self_play": {"train_roles": []}})
+
+
 def test_the_pool_refills_invalid_slots_and_is_cleared_every_k_steps(tiny_model_dir, tmp_path):
     run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2, "pool_clear_every": 2},
                        trainer={"prompts_per_step": 3})
@@ -393,3 +413,6 @@ def test_the_bench_reuses_a_warm_start_only_when_it_was_made_with_this_runs_sett
         (source / "config.yaml").write_text(dump_config(other))
         with pytest.raises(SystemExit, match=f"other {changed.split('.')[0]} settings"):
             reuse_warm_start(source, tmp_path / changed, overrides)
+    for rl_only in ("self_play.pool_max_uses=2", "self_play.train_roles=[solver]"):  # they act in RL steps only
+        (source / "config.yaml").write_text(dump_config(made))
+        assert reuse_warm_start(source, tmp_path / rl_only, [*overrides, rl_only]) == 812.5

@@ -14,7 +14,8 @@ The step, in the recipe's parts (docs/self_play.md has the rules of each piece):
                   invalid_penalty when invalid
     select        out: placeholder slots, unscored trajectories
     loss_batches  "proposer" (reinforce_pp over the step's proposals, or GRPO over them as one group),
-                  then "solver" (GRPO over each question's n_solve attempts); or one combined batch
+                  then "solver" (GRPO over each question's n_solve attempts); or one combined batch;
+                  only the roles in self_play.train_roles
     after_update  the step's valid questions enter the pool with their solve rate; cleared every K steps
     state_dict    the pool and the position in the answer stream: a resumed run repeats exactly
 
@@ -215,8 +216,10 @@ class SelfPlayRecipe(Recipe):
         return trainable, [], {}
 
     def loss_batches(self, trainable: list[Trajectory], step: int) -> tuple[list[LossBatch], dict[str, float]]:
-        """``proposer`` then ``solver`` (each with its own optimizer steps), or one combined batch."""
+        """``proposer`` then ``solver`` (each with its own optimizer steps), or one combined batch; only
+        the roles in ``self_play.train_roles``."""
         options = self.config.self_play
+        trainable = [t for t in trainable if t.metadata[ROLE]["role"] in options.train_roles]
         proposers = [t for t in trainable if t.metadata[ROLE]["role"] == "proposer"]
         solvers = [t for t in trainable if t.metadata[ROLE]["role"] == "solver"]
         if options.proposer_advantage == "grpo_batch":
