@@ -87,20 +87,32 @@ class World:
         return self.descriptions[self.describe(person)] == 1
 
 
-def generate_answers(corpus: str | Path = CORPUS_PATH, hops: Sequence[int] = (2, 3), seed: int = 0) -> list[dict[str, Any]]:
-    """``{"answer", "hops"}`` rows for every answer that ends a chain of ``n`` links (module
-    docstring), in a seeded shuffled order. Reads only the corpus."""
+ANSWER_KINDS = ("person", "city", "country", "profession", "year", "organisation")
+
+
+def generate_answers(corpus: str | Path = CORPUS_PATH, hops: Sequence[int] = (2, 3), seed: int = 0,
+                     kinds: Sequence[str] = ANSWER_KINDS) -> list[dict[str, Any]]:
+    """``{"answer", "hops"}`` rows for every answer of the given ``kinds`` that ends a chain of ``n``
+    links (module docstring), in a seeded shuffled order. Reads only the corpus."""
+    unknown = set(kinds) - set(ANSWER_KINDS)
+    if unknown:
+        raise ValueError(f"unknown answer kinds {sorted(unknown)}; choose from {', '.join(ANSWER_KINDS)}")
     world = World.from_corpus(corpus)
     founders = {p for p in world.founder.values() if p in world.people}
-    chains: dict[int, set[str]] = defaultdict(set)
-    chains[1] |= founders | set(world.country.values()) | {f["city"] for f in world.people.values()}
-    chains[2] |= {world.people[p]["city"] for p in founders}
-    chains[2] |= {world.country[f["city"]] for f in world.people.values() if f["city"] in world.country}
-    chains[2] |= {world.people[p][k] for p in founders for k in ("profession", "year")}
-    chains[2] |= {k for k, p in world.founder.items()
-                  if p in world.people and world.companies_of(p) == [k] and world.uniquely_described(p)}
-    chains[3] |= {world.country[world.people[p]["city"]] for p in founders if world.people[p]["city"] in world.country}
-    rows = [{"answer": answer, "hops": n} for n in sorted(set(hops)) for answer in sorted(chains.get(n, ()))]
+    chains: dict[tuple[int, str], set[str]] = defaultdict(set)
+    chains[1, "person"] |= founders
+    chains[1, "country"] |= set(world.country.values())
+    chains[1, "city"] |= {f["city"] for f in world.people.values()}
+    chains[2, "city"] |= {world.people[p]["city"] for p in founders}
+    chains[2, "country"] |= {world.country[f["city"]] for f in world.people.values() if f["city"] in world.country}
+    for kind in ("profession", "year"):
+        chains[2, kind] |= {world.people[p][kind] for p in founders}
+    chains[2, "organisation"] |= {k for k, p in world.founder.items()
+                                  if p in world.people and world.companies_of(p) == [k] and world.uniquely_described(p)}
+    chains[3, "country"] |= {world.country[world.people[p]["city"]] for p in founders
+                             if world.people[p]["city"] in world.country}
+    rows = [{"answer": answer, "hops": n} for n in sorted(set(hops))
+            for answer in sorted(set().union(*(chains.get((n, kind), set()) for kind in kinds)))]
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -326,10 +338,13 @@ def main() -> None:
     parser.add_argument("--hops", type=int, nargs="*", default=None, help="demonstrate only these hop counts (default: all)")
     parser.add_argument("--rag", type=int, default=0, help="also this many RAG-check demonstrations (default 0)")
     parser.add_argument("--distractors", type=int, default=4, help="distractor blocks in each (self_play.distractors)")
+    parser.add_argument("--kinds", nargs="*", default=list(ANSWER_KINDS), choices=ANSWER_KINDS,
+                        help="answer kinds to write (default: all)")
+    parser.add_argument("--answers", default=str(ANSWERS_PATH), help=f"where to write them (default {ANSWERS_PATH})")
     args = parser.parse_args()
-    rows = generate_answers()
-    write_answers(rows)
-    print(f"{ANSWERS_PATH}: {len(rows)} rows; {dict(sorted(Counter(r['hops'] for r in rows).items()))} by hops")
+    rows = generate_answers(kinds=args.kinds)
+    write_answers(rows, args.answers)
+    print(f"{args.answers}: {len(rows)} rows; {dict(sorted(Counter(r['hops'] for r in rows).items()))} by hops")
     if args.demonstrations:
         chosen = [r for r in rows if not args.hops or r["hops"] in args.hops]
         items = asyncio.run(self_play_demonstrations(chosen, args.count, search_options={"topk": args.topk},

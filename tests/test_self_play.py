@@ -15,6 +15,7 @@ import yaml
 from agentrl.envs.base import Reward, Task, load_rows
 from agentrl.envs.search_qa import SearchQAEnv
 from agentrl.envs.self_play_data import (
+    ANSWER_KINDS,
     ANSWERS_PATH,
     CORPUS_PATH,
     DATA_DIR,
@@ -485,6 +486,20 @@ def test_the_committed_answers_are_the_generators_output_from_the_corpus_alone(t
     assert rows == load_answers(ANSWERS_PATH) == generate_answers()
     assert {k for r in rows for k in r} == {"answer", "hops"} and {r["hops"] for r in rows} == {2, 3}
     assert len({(r["answer"], r["hops"]) for r in rows}) == len(rows) > 500
+
+
+def test_answer_kinds_pick_their_chains_and_together_give_the_default():
+    world = World.from_corpus()
+    founders = {p for p in world.founder.values() if p in world.people}
+    cities = generate_answers(hops=(2,), kinds=("city",))
+    assert {r["answer"] for r in cities} == {world.people[p]["city"] for p in founders}
+    assert {r["hops"] for r in cities} == {2}
+    organisations = {r["answer"] for r in generate_answers(kinds=("organisation",))}
+    assert organisations and organisations <= set(world.founder)
+    parts = [generate_answers(kinds=(kind,)) for kind in ANSWER_KINDS]
+    assert sorted(json.dumps(r) for r in generate_answers()) == sorted({json.dumps(r) for part in parts for r in part})
+    with pytest.raises(ValueError, match="unknown answer kinds"):
+        generate_answers(kinds=("planet",))
 
 
 def test_answers_occur_in_the_corpus_and_never_contain_a_question():
