@@ -17,6 +17,7 @@ from agentrl.models import (
     fraction_of_weights_an_update_moves,
     prepare_master_weights,
 )
+from agentrl.tracking import read_metrics
 from agentrl.trainer.local import (
     build_run,
     close_run,
@@ -226,6 +227,22 @@ def test_a_batch_with_no_learning_signal_after_a_real_step_changes_no_weight(tmp
     assert second["update/zero_grad_skipped"] == 1.0 and second["update/skipped"] == 1.0
     assert "grad_norm" not in second and second["update/nonfinite_skipped"] == 0.0
     assert run.engine.policy_version == version  # no weights sent for an update that changed nothing
+
+
+def test_a_resumed_run_trains_at_the_learning_rate_its_config_gives(tmp_path, tiny_model_dir):
+    """The optimizer's and the scheduler's saved states carry the old rate; the config is the record."""
+    first = tiny_run_config(tmp_path, tiny_model_dir, trainer={"steps": 1, "lr": 1e-3, "schedule": "linear"})
+    train(first)
+    resumed = first.model_copy(update={"resume": True, "trainer": first.trainer.model_copy(
+        update={"steps": 2, "lr": 4e-4, "weight_decay": 0.01})})
+    with pytest.warns(UserWarning, match=r"lr: 0.001 -> 0.0004.*weight_decay: 0.0 -> 0.01"):
+        train(resumed)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in rows] == [1, 2]
+    # the rate each step trained at: step 2 at the new base rate, halfway down the 2-step linear schedule
+    assert rows[0]["lr"] == pytest.approx(1e-3) and rows[1]["lr"] == pytest.approx(0.5 * 4e-4)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["trainer"]["lr"] == 4e-4
 
 
 # -- Q6: dynamic sampling refills the batch ---------------------------------------------------------

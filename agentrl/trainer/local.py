@@ -35,6 +35,7 @@ from agentrl.trainer.checkpoint import (
     save_final_model,
 )
 from agentrl.trainer.estimators import policy_token_loss, reward_kl  # noqa: F401  (the module's API)
+from agentrl.trainer.optim import apply_settings
 from agentrl.trainer.reference import load_reference, needs_post_sft_reference, snapshot_reference
 from agentrl.trainer.update import (  # noqa: F401  (even_minibatches and the rest: the module's API)
     LossBatch,
@@ -279,6 +280,11 @@ def train(config: RunConfig, model=None, tokenizer=None, console=None) -> Traine
         run.state, partial_state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.value_head,
                                                    extra=extra)
         run.engine.policy_version = run.state.policy_version
+        lrs = [config.trainer.lr] + ([config.algo.value_lr] if run.value_head is not None else [])
+        changed = apply_settings(run.optimizer, run.scheduler, lrs, config.trainer.betas, config.trainer.weight_decay)
+        if changed:
+            warnings.warn(f"resuming {checkpoint} with other optimizer settings than it was saved with "
+                          f"({'; '.join(changed)}): the run goes on with this config's", UserWarning, stacklevel=2)
         if run.critic is not None and extra.get("critic") is not None:
             run.critic.load_state_dict(extra["critic"])
         if extra.get("recipe"):

@@ -25,3 +25,26 @@ def clip_and_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Pa
         return float(grad_norm), False
     optimizer.step()
     return float(grad_norm), True
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                   lrs: list[float], betas: tuple[float, float], weight_decay: float) -> list[str]:
+    """Set each parameter group's base learning rate (``lrs``, in group order), betas and weight
+    decay after a resume, and its current rate from the schedule at its restored position.
+
+    ``optimizer.load_state_dict`` and ``scheduler.load_state_dict`` bring back the values the run
+    was saved with, so a resumed run given another ``trainer.lr`` would go on at the old one while
+    its ``config.yaml`` says the new one. Returns what changed, one line per setting, for a warning.
+    """
+    changes = []
+    for index, (group, lr) in enumerate(zip(optimizer.param_groups, lrs, strict=True)):
+        saved = {"lr": group.get("initial_lr", group["lr"]), "betas": tuple(group["betas"]),
+                 "weight_decay": group["weight_decay"]}
+        wanted = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+        changes += [f"group {index} {key}: {saved[key]} -> {wanted[key]}" for key in wanted if saved[key] != wanted[key]]
+        group["initial_lr"], group["betas"], group["weight_decay"] = lr, tuple(betas), weight_decay
+    scheduler.base_lrs = list(lrs)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changes
