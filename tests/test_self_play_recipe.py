@@ -124,6 +124,17 @@ def collect_scored(run, step=1):
     return trajectories, metrics
 
 
+def planned_parts(run, step=1):
+    """One step's trajectories, scoring metrics, trainable trajectories and loss batches; closes the run."""
+    try:
+        trajectories, metrics = collect_scored(run, step)
+        trainable, _, _ = run.recipe.select(trajectories, step)
+        parts, _ = run.recipe.loss_batches(trainable, step)
+    finally:
+        close_run(run)
+    return trajectories, metrics, trainable, parts
+
+
 def role(trajectories, name):
     return [t for t in trajectories if t.metadata[ROLE]["role"] == name]
 
@@ -208,12 +219,7 @@ def test_the_reference_proposer_advantage_is_the_reward_itself(tiny_model_dir, t
 
 def test_a_combined_update_trains_both_roles_in_one_batch(tiny_model_dir, tmp_path):
     run = scripted_run(tiny_model_dir, tmp_path, self_play={"combine_update": True, "proposer_advantage": "grpo_batch"})
-    try:
-        trajectories, _ = collect_scored(run)
-        trainable, _, _ = run.recipe.select(trajectories, 1)
-        parts, _ = run.recipe.loss_batches(trainable, 1)
-    finally:
-        close_run(run)
+    _, _, _, parts = planned_parts(run)
     assert len(parts) == 1 and parts[0].name == "policy"
     proposers = role(parts[0].trajectories, "proposer")
     assert proposers and {t.group_id for t in proposers} == {"propose-1"}  # the proposals: one GRPO group
@@ -225,12 +231,7 @@ def test_a_combined_update_trains_both_roles_in_one_batch(tiny_model_dir, tmp_pa
 def test_train_roles_leaves_the_other_roles_trajectories_out_of_the_loss(tiny_model_dir, tmp_path, roles):
     run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2, "train_roles": roles},
                        trainer={"prompts_per_step": 6, "micro_batch_size": 8})
-    try:
-        trajectories, metrics = collect_scored(run)
-        trainable, _, _ = run.recipe.select(trajectories, 1)
-        parts, _ = run.recipe.loss_batches(trainable, 1)
-    finally:
-        close_run(run)
+    _, metrics, trainable, parts = planned_parts(run)
     assert role(trainable, "proposer") and role(trainable, "solver")  # both sampled and scored
     assert metrics["self_play/valid_rate"] > 0
     assert [p.name for p in parts] == roles
