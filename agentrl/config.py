@@ -269,6 +269,9 @@ class SelfPlayConfig(Section):
     answers: str | None = None  # JSONL of {"answer", "hops"}; default: the fictional world's answers
     hops: list[int] = []  # keep only answers with these hop counts (empty: all)
     answers_per_step: int | None = Field(None, gt=0)  # proposer rollouts per step; default trainer.prompts_per_step
+    # SSP's dynamic sampling (off in the reference script): while a step has fewer valid questions than
+    # answers_per_step, up to this many further proposer rounds on the next answers; the pool fills what is left
+    dynamic_sampling_max_draws: int = Field(0, ge=0)
     n_solve: int = Field(5, gt=0)  # solver attempts per question (the solver's GRPO group)
     proposer_prompt: Literal["full", "short"] = "full"
     proposer_max_turns: int | None = Field(None, gt=0)  # default rollout.max_turns

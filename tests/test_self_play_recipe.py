@@ -118,9 +118,10 @@ def scripted_run(model_dir, tmp_path, **sections):
 
 
 def collect_scored(run, step=1):
+    """One step's trajectories, scored, with the metrics of collecting and scoring them."""
     recipe = run.recipe
-    trajectories, _ = recipe.collect(step)
-    metrics = recipe.score(trajectories, step)
+    trajectories, metrics = recipe.collect(step)
+    metrics.update(recipe.score(trajectories, step))
     return trajectories, metrics
 
 
@@ -271,6 +272,59 @@ def test_the_pool_refills_invalid_slots_and_is_cleared_every_k_steps(tiny_model_
     assert seen[-1][0]["self_play/pool_reused_total"] == sum(m["self_play/reused_slots"] for m, _, _ in seen)
 
 
+def test_dynamic_sampling_draws_further_proposals_until_every_slot_has_a_valid_question(tiny_model_dir, tmp_path):
+    """``dynamic_sampling_max_draws``: a step whose first round left slots without a valid question
+    proposes again on the next answers; each valid question gets its own slot and attempts, the
+    first round is the one a run without the option samples, and the pool fills only what is left."""
+    def step_of(max_draws, path):
+        run = scripted_run(tiny_model_dir, path, self_play={"n_solve": 2, "dynamic_sampling_max_draws": max_draws},
+                           trainer={"prompts_per_step": 3, "seed": 1})
+        try:
+            trajectories, metrics = collect_scored(run)
+            return trajectories, metrics, run.recipe.answer_position
+        finally:
+            close_run(run)
+
+    plain, plain_metrics, plain_position = step_of(0, tmp_path / "plain")
+    drawn, metrics, position = step_of(3, tmp_path / "drawn")
+    assert plain_metrics["self_play/proposal_rounds"] == 1 and plain_position == 3
+    assert sum(p.metadata[ROLE]["valid"] for p in role(plain, "proposer")) < 3  # the case the option is for
+    proposers, solvers = role(drawn, "proposer"), role(drawn, "solver")
+    rounds = metrics["self_play/proposal_rounds"]
+    assert rounds >= 2 and len(proposers) == 3 * rounds and position == 3 * rounds
+    # round 0 is the plain run's: the same answers, sampled at the same seeds, to the same questions
+    first = [(p.id, p.metadata[ROLE]["question"]) for p in role(plain, "proposer")]
+    assert [(p.id, p.metadata[ROLE]["question"]) for p in proposers[:3]] == first
+    valid = [p for p in proposers if p.metadata[ROLE]["valid"]]
+    assert len(valid) >= 3 and metrics["self_play/valid_rate"] == pytest.approx(len(valid) / len(proposers))
+    slots = [p.metadata[ROLE]["slot"] for p in valid]
+    assert sorted(slots) == list(range(len(valid)))  # one slot per valid question, no pool or placeholder slot
+    assert {s.metadata[ROLE]["source"] for s in solvers} == {"proposed"} and len(solvers) == 2 * len(valid)
+    for proposer in valid:
+        info = proposer.metadata[ROLE]
+        own = [s for s in solvers if s.metadata[ROLE]["slot"] == info["slot"]]
+        assert [s.metadata[ROLE]["question"] for s in own] == [info["question"]] * 2
+        assert proposer.reward == pytest.approx(1 - sum(s.reward > 0 for s in own) / 2)
+    for proposer in proposers:  # an invalid proposal holds no slot once a valid question took it
+        info = proposer.metadata[ROLE]
+        assert info["valid"] or (info["slot"] is None and info["slot_source"] is None and info["solver_attempts"] == [])
+
+
+def test_dynamic_sampling_stops_after_its_rounds_and_the_pool_fills_the_rest(tiny_model_dir, tmp_path):
+    path = tmp_path / "invalid.jsonl"
+    path.write_text("".join(json.dumps({"answer": a, "hops": 2}) + "\n" for a in ("Qwertyville", "1234")))
+    run = scripted_run(tiny_model_dir, tmp_path, self_play={"n_solve": 2, "dynamic_sampling_max_draws": 2,
+                                                            "answers": str(path)}, trainer={"prompts_per_step": 2})
+    try:
+        trajectories, metrics = collect_scored(run)
+        position = run.recipe.answer_position
+    finally:
+        close_run(run)
+    assert metrics["self_play/proposal_rounds"] == 3 and position == 6  # the first round and 2 more, no further
+    assert len(role(trajectories, "proposer")) == 6 and metrics["self_play/valid_rate"] == 0.0
+    assert [s.metadata[ROLE]["source"] for s in role(trajectories, "solver")] == ["placeholder"] * 4
+
+
 def test_a_failing_judge_unscores_the_solver_attempts_it_could_not_judge_or_stops_the_run(tiny_model_dir, tmp_path):
     judge = {"judge_url": "http://127.0.0.1:9/v1", "judge_attempts": 1, "judge_timeout_s": 1.0}  # nothing listens
     run = scripted_run(tiny_model_dir, tmp_path / "reject", self_play={"n_solve": 2, **judge})
@@ -324,21 +378,21 @@ def test_self_play_reads_no_training_question(tiny_model_dir, tmp_path):
     assert "train.jsonl" not in (ROOT / "configs/ssp.yaml").read_text()
 
 
-def test_a_resumed_recipe_repeats_the_next_step_exactly_pool_included(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("max_draws", [0, 1])
+def test_a_resumed_recipe_repeats_the_next_step_exactly_pool_included(tiny_model_dir, tmp_path, max_draws):
     def outcome(trajectories):
         return [(t.id, t.metadata[ROLE].get("question"), t.metadata[ROLE].get("source"), t.reward) for t in trajectories]
 
-    straight = scripted_run(tiny_model_dir, tmp_path / "a", self_play={"n_solve": 2, "pool_clear_every": 5},
-                            trainer={"prompts_per_step": 3})
-    broken = scripted_run(tiny_model_dir, tmp_path / "b", self_play={"n_solve": 2, "pool_clear_every": 5},
-                          trainer={"prompts_per_step": 3})
+    options = {"n_solve": 2, "pool_clear_every": 5, "dynamic_sampling_max_draws": max_draws}
+    straight = scripted_run(tiny_model_dir, tmp_path / "a", self_play=options, trainer={"prompts_per_step": 3})
+    broken = scripted_run(tiny_model_dir, tmp_path / "b", self_play=options, trainer={"prompts_per_step": 3})
     try:
         for run in (straight, broken):
             for step in (1, 2):
                 trajectories, _ = collect_scored(run, step)
                 run.recipe.after_update([], step)
         state = json.loads(json.dumps(broken.recipe.state_dict()))  # what a checkpoint holds
-        assert len(state["pool"]["problems"]) > 0 and state["answer_position"] == 6
+        assert len(state["pool"]["problems"]) > 0 and (state["answer_position"] > 6) == (max_draws > 0)
         broken.recipe = SelfPlayRecipe(broken)
         broken.recipe.load_state_dict(state)
         expected, _ = collect_scored(straight, 3)
@@ -346,7 +400,8 @@ def test_a_resumed_recipe_repeats_the_next_step_exactly_pool_included(tiny_model
     finally:
         close_run(straight), close_run(broken)
     assert outcome(resumed) == outcome(expected)
-    assert any(s == "pool" for _, _, s, _ in outcome(expected))  # step 3 drew from the restored pool
+    if not max_draws:  # step 3 drew from the restored pool (with a further round its slots were all proposed)
+        assert any(s == "pool" for _, _, s, _ in outcome(expected))
     assert broken.recipe.pool.state_dict() == straight.recipe.pool.state_dict()
 
 

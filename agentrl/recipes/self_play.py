@@ -4,7 +4,8 @@ given answers and solves them, both roles trained on the same weights each step.
 The step, in the recipe's parts (docs/self_play.md has the rules of each piece)::
 
     collect       1. proposer rollouts: the next answers (a*, n) of the answers file, one search rollout
-                     each at the proposer's temperature, ending in <question>
+                     each at the proposer's temperature, ending in <question>; with dynamic sampling,
+                     further rounds on the next answers while fewer questions than slots are valid
                   2. the question extracted, the rule filters, then the RAG check: the policy answers
                      with no tools from the proposer's documents plus k distractor blocks (or the judge)
                   3. solver rollouts: n_solve per valid question at the solver's temperature; the
@@ -46,7 +47,7 @@ from agentrl.algos.self_play_check import Judge, check_questions, score_solver
 from agentrl.engines.base import SamplingParams
 from agentrl.envs.self_play_data import ANSWERS_PATH, SelfPlayProposerEnv, load_answers
 from agentrl.recipes.base import Recipe, step_seed, tool_use_metrics
-from agentrl.rollout import RolloutWorker
+from agentrl.rollout import RolloutWorker, rollout_metrics
 from agentrl.trainer.batching import collate
 from agentrl.trainer.update import LossBatch
 from agentrl.trajectory import Trajectory
@@ -59,7 +60,8 @@ class SelfPlayRecipe(Recipe):
         super().__init__(run)
         config, options = self.config, self.config.self_play
         if config.algo.dynamic_sampling:
-            raise ValueError("recipe self_play refills no batches: set algo.dynamic_sampling=false")
+            raise ValueError("recipe self_play draws more proposals, not more solver groups: set algo.dynamic_sampling="
+                             "false and self_play.dynamic_sampling_max_draws instead")
         if config.sft.enabled and not config.sft.data:
             raise ValueError("recipe self_play reads no training question, so the warm start needs sft.data (e.g. "
                              "python -m agentrl.envs.self_play_data --demonstrations PATH)")
@@ -114,28 +116,41 @@ class SelfPlayRecipe(Recipe):
     # -- the parts --------------------------------------------------------------------------------
 
     def collect(self, step: int) -> tuple[list[Trajectory], dict[str, float]]:
-        """Proposer rollouts, their questions checked, solver rollouts on the valid ones (or the pool)."""
+        """Proposer rollouts, their questions checked (more rounds on the next answers while too few are
+        valid, with ``self_play.dynamic_sampling_max_draws``), solver rollouts on the valid ones (or the pool)."""
         run, options = self.run, self.config.self_play
         seed = step_seed(self.config, step)
-        rows = self.next_answers(options.answers_per_step or self.config.trainer.prompts_per_step)
-        tasks = []
-        for position, row in rows:
-            task = self.proposer_env.make_task(row, position)
-            task.id = f"propose-{step}-{len(tasks)}@{position}"
-            tasks.append(task)
-        proposed = run.loop.run_until_complete(self.proposer_worker.run_batch(tasks, seed=seed, group_size=1))
-        proposers = proposed.trajectories
-        outputs = [proposer_output(t, run.tokenizer, final_turn_message=self.proposer_env.final_turn_message)
-                   for t in proposers]
-        answers = [row["answer"] for _, row in rows]
-        verdicts = run.loop.run_until_complete(check_questions(
-            run.engine, run.tokenizer, outputs, answers, seed=seed, rules=self.rules, distractors=options.distractors,
-            params=self.rag_params, judge=self.judge))
-        for trajectory, verdict in zip(proposers, verdicts, strict=True):
-            if not trajectory.trainable:  # a failed rollout (infra, tool session) proposes nothing
-                verdict.valid, verdict.reason = False, "rollout_error"
+        count = options.answers_per_step or self.config.trainer.prompts_per_step
+        rows, proposers, verdicts, rounds = [], [], [], 0
+        while True:
+            drawn = self.next_answers(count)
+            # round 0 samples at the step's seed, as without dynamic sampling; the solver has seed + 1
+            round_trajectories, round_verdicts = self._propose(
+                drawn, step, seed if rounds == 0 else seed + 1 + rounds, first_index=len(proposers))
+            rows += drawn
+            proposers += round_trajectories
+            verdicts += round_verdicts
+            rounds += 1
+            if sum(v.valid for v in verdicts) >= count or rounds > options.dynamic_sampling_max_draws:
+                break
         self._raise_on_judge_failure(verdicts)
-        slots = [Problem(v.question, a, step) if v.valid else None for v, a in zip(verdicts, answers, strict=True)]
+        answers = [row["answer"] for _, row in rows]
+        # the first round's proposals own the solver slots; a later round's valid question takes the
+        # slot of an invalid one (then a new slot), so without an extra round slot i is proposal i
+        slots: list[Problem | None] = [Problem(v.question, a, step) if v.valid else None
+                                       for v, a in zip(verdicts[:count], answers[:count], strict=True)]
+        slot_of: list[int | None] = list(range(count))
+        for verdict, answer in zip(verdicts[count:], answers[count:], strict=True):
+            if not verdict.valid:
+                slot_of.append(None)
+                continue
+            free = slots.index(None) if None in slots else len(slots)
+            if free == len(slots):
+                slots.append(None)
+            else:
+                slot_of[free] = None  # the invalid first-round proposal whose slot this question takes
+            slots[free] = Problem(verdict.question, answer, step)
+            slot_of.append(free)
         problems = self.pool.fill(slots, step)
         sources = ["proposed" if s is not None else ("placeholder" if p.placeholder else "pool")
                    for s, p in zip(slots, problems, strict=True)]
@@ -146,21 +161,44 @@ class SelfPlayRecipe(Recipe):
             solver_tasks.append(task)
         solved = run.loop.run_until_complete(self.solver_worker.run_batch(solver_tasks, seed=seed + 1,
                                                                           group_size=options.n_solve))
-        for index, (trajectory, verdict, row) in enumerate(zip(proposers, verdicts, rows, strict=True)):
+        for trajectory, verdict, row, slot in zip(proposers, verdicts, rows, slot_of, strict=True):
             trajectory.metadata[ROLE] = {
-                "role": "proposer", "slot": index, "answer": row[1]["answer"], "hops": row[1]["hops"],
+                "role": "proposer", "slot": slot, "answer": row[1]["answer"], "hops": row[1]["hops"],
                 "question": verdict.question, "valid": verdict.valid, "reason": verdict.reason,
                 "rag_checked": verdict.rag_ran, "rag_answer": verdict.rag_answer, "solver_attempts": [],
-                "slot_source": sources[index]}  # what the solver attempts of this slot were at
+                # what the solver attempts of this slot were at (None: a later round's question took it)
+                "slot_source": None if slot is None else sources[slot]}
         for trajectory in solved.trajectories:
             index = int(trajectory.group_id.rsplit("-", 1)[1])
             problem = problems[index]
             trajectory.metadata[ROLE] = {"role": "solver", "slot": index, "question": problem.question,
                                          "answer": problem.answer, "source": sources[index]}
         self.current = {"verdicts": verdicts, "problems": problems, "sources": sources, "solve_rates": {}}
-        metrics = {**solved.metrics, **tool_use_metrics(solved.trajectories)}
-        metrics.update({f"proposer/{k}": v for k, v in {**proposed.metrics, **tool_use_metrics(proposers)}.items()})
+        metrics = {f"proposer/{k}": v for k, v in {**rollout_metrics(proposers), **tool_use_metrics(proposers)}.items()}
+        metrics.update({**solved.metrics, **tool_use_metrics(solved.trajectories),
+                        "self_play/proposal_rounds": float(rounds)})
         return proposers + solved.trajectories, metrics
+
+    def _propose(self, rows: list[tuple[int, dict[str, Any]]], step: int, seed: int, first_index: int
+                 ) -> tuple[list[Trajectory], list[Verdict]]:
+        """One round of proposer rollouts on ``rows`` and their questions' verdicts (the RAG check's
+        distractors come from this round's other proposals)."""
+        run, options = self.run, self.config.self_play
+        tasks = []
+        for position, row in rows:
+            task = self.proposer_env.make_task(row, position)
+            task.id = f"propose-{step}-{first_index + len(tasks)}@{position}"
+            tasks.append(task)
+        proposed = run.loop.run_until_complete(self.proposer_worker.run_batch(tasks, seed=seed, group_size=1))
+        outputs = [proposer_output(t, run.tokenizer, final_turn_message=self.proposer_env.final_turn_message)
+                   for t in proposed.trajectories]
+        verdicts = run.loop.run_until_complete(check_questions(
+            run.engine, run.tokenizer, outputs, [row["answer"] for _, row in rows], seed=seed, rules=self.rules,
+            distractors=options.distractors, params=self.rag_params, judge=self.judge))
+        for trajectory, verdict in zip(proposed.trajectories, verdicts, strict=True):
+            if not trajectory.trainable:  # a failed rollout (infra, tool session) proposes nothing
+                verdict.valid, verdict.reason = False, "rollout_error"
+        return proposed.trajectories, verdicts
 
     def score(self, trajectories: list[Trajectory], step: int) -> dict[str, float]:
         """The solver rewards, then each proposer's reward from its own question's attempts."""
@@ -244,13 +282,11 @@ class SelfPlayRecipe(Recipe):
     def after_update(self, parts: list[LossBatch], step: int) -> dict[str, float]:
         """The step's valid questions enter the pool with their measured solve rate; then the pool
         is cleared if this is a ``pool_clear_every``-th step."""
-        verdicts: list[Verdict] = self.current.get("verdicts", [])
         problems: list[Problem] = self.current.get("problems", [])
         rates: dict[int, float] = self.current.get("solve_rates", {})
-        for slot, (verdict, problem) in enumerate(zip(verdicts, problems, strict=True)):
-            if verdict.valid and slot in rates:
-                problem.success_rate = rates[slot]
-                self.pool.add(problem)
+        for slot, rate in sorted(rates.items()):  # the slots of this step's valid, scored questions
+            problems[slot].success_rate = rate
+            self.pool.add(problems[slot])
         metrics = self.pool.metrics()
         metrics["self_play/pool_cleared"] = float(self.pool.end_step(step))
         self.current = {}
