@@ -63,9 +63,10 @@ def reuse_warm_start(source: Path, target: Path, overrides: list[str]) -> float:
     # read through the config's model, so that settings added since then compare as their defaults
     made = type(wanted).model_validate(yaml.safe_load((source / "config.yaml").read_text())).model_dump(mode="json")
     wanted = wanted.model_dump(mode="json")
-    for settings in (made, wanted):  # the pool and the trained roles act only in RL steps, not in the warm start
+    rl_only = ("train_roles", "dynamic_sampling_max_draws")  # like the pool's, they act only in RL steps
+    for settings in (made, wanted):
         settings["self_play"] = {k: v for k, v in settings.get("self_play", {}).items()
-                                 if not k.startswith("pool_") and k != "train_roles"}
+                                 if not k.startswith("pool_") and k not in rl_only}
     differ = [key for key in WARM_SECTIONS if made.get(key) != wanted.get(key)]
     if differ:
         raise SystemExit(f"{source} was warm-started with other {', '.join(differ)} settings than this run's")

@@ -469,6 +469,7 @@ def test_the_bench_reuses_a_warm_start_only_when_it_was_made_with_this_runs_sett
         (source / "config.yaml").write_text(dump_config(other))
         with pytest.raises(SystemExit, match=f"other {changed.split('.')[0]} settings"):
             reuse_warm_start(source, tmp_path / changed, overrides)
-    for rl_only in ("self_play.pool_max_uses=2", "self_play.train_roles=[solver]"):  # they act in RL steps only
+    for rl_only in ("self_play.pool_max_uses=2", "self_play.train_roles=[solver]",  # they act in RL steps only
+                    "self_play.dynamic_sampling_max_draws=2"):
         (source / "config.yaml").write_text(dump_config(made))
         assert reuse_warm_start(source, tmp_path / rl_only, [*overrides, rl_only]) == 812.5
