@@ -83,8 +83,6 @@ def probe_proposals(warm: Path, count: int, overrides: list[str]) -> None:
     """The first ``count`` proposals of a self-play run from ``warm``'s checkpoint, checked as step 1 checks them."""
     from collections import Counter
 
-    from agentrl.algos.self_play import proposer_output
-    from agentrl.algos.self_play_check import check_questions
     from agentrl.config import load_config
     from agentrl.recipes.base import step_seed
     from agentrl.trainer.checkpoint import latest_checkpoint, load_weights
@@ -98,23 +96,17 @@ def probe_proposals(warm: Path, count: int, overrides: list[str]) -> None:
     try:
         load_weights(run.model, checkpoint / "model")
         run.engine.update_weights()
-        recipe, options = run.recipe, config.self_play
-        rows, seed = recipe.next_answers(count), step_seed(config, 1)
-        tasks = [recipe.proposer_env.make_task(row, position) for position, row in rows]
-        batch = run.loop.run_until_complete(recipe.proposer_worker.run_batch(tasks, seed=seed, group_size=1))
-        outputs = [proposer_output(t, run.tokenizer, final_turn_message=recipe.proposer_env.final_turn_message)
-                   for t in batch.trajectories]
-        verdicts = run.loop.run_until_complete(check_questions(
-            run.engine, run.tokenizer, outputs, [row["answer"] for _, row in rows], seed=seed, rules=recipe.rules,
-            distractors=options.distractors, params=recipe.rag_params, judge=recipe.judge))
+        recipe = run.recipe
+        rows = recipe.next_answers(count)
+        trajectories, outputs, verdicts = recipe.propose(rows, 1, step_seed(config, 1))  # step 1's first round
     finally:
         close_run(run)
-    for (_, row), trajectory, output, verdict in zip(rows, batch.trajectories, outputs, verdicts, strict=True):
+    for (_, row), trajectory, output, verdict in zip(rows, trajectories, outputs, verdicts, strict=True):
         print(f"{row['answer']!r} (n={row['hops']}): stop {trajectory.stop_reason}, searches {output.queries}, "
               f"question {verdict.question!r}: {'valid' if verdict.valid else verdict.reason}"
               + (f" (RAG check answered {verdict.rag_answer!r})" if verdict.rag_ran else ""))
     reasons = Counter(v.reason or "valid" for v in verdicts)
-    stops = Counter(t.stop_reason for t in batch.trajectories)
+    stops = Counter(t.stop_reason for t in trajectories)
     print(f"{reasons['valid']} of {count} valid at proposer temperature {recipe.proposer_worker.config.temperature:g}; "
           f"verdicts {dict(reasons.most_common())}; stop reasons {dict(stops.most_common())}")
 

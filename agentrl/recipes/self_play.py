@@ -36,6 +36,7 @@ import torch
 from agentrl.algos.self_play import (
     Problem,
     ProblemPool,
+    ProposerOutput,
     QuestionRules,
     Verdict,
     proposer_output,
@@ -125,7 +126,7 @@ class SelfPlayRecipe(Recipe):
         while True:
             drawn = self.next_answers(count)
             # round 0 samples at the step's seed, as without dynamic sampling; the solver has seed + 1
-            round_trajectories, round_verdicts = self._propose(
+            round_trajectories, _, round_verdicts = self.propose(
                 drawn, step, seed if rounds == 0 else seed + 1 + rounds, first_index=len(proposers))
             rows += drawn
             proposers += round_trajectories
@@ -179,10 +180,10 @@ class SelfPlayRecipe(Recipe):
                         "self_play/proposal_rounds": float(rounds)})
         return proposers + solved.trajectories, metrics
 
-    def _propose(self, rows: list[tuple[int, dict[str, Any]]], step: int, seed: int, first_index: int
-                 ) -> tuple[list[Trajectory], list[Verdict]]:
-        """One round of proposer rollouts on ``rows`` and their questions' verdicts (the RAG check's
-        distractors come from this round's other proposals)."""
+    def propose(self, rows: list[tuple[int, dict[str, Any]]], step: int, seed: int, first_index: int = 0
+                ) -> tuple[list[Trajectory], list[ProposerOutput], list[Verdict]]:
+        """One round of proposer rollouts on ``rows`` (answer-stream positions and rows), what each
+        proposed and its verdict (the RAG check's distractors come from this round's other proposals)."""
         run, options = self.run, self.config.self_play
         tasks = []
         for position, row in rows:
@@ -198,7 +199,7 @@ class SelfPlayRecipe(Recipe):
         for trajectory, verdict in zip(proposed.trajectories, verdicts, strict=True):
             if not trajectory.trainable:  # a failed rollout (infra, tool session) proposes nothing
                 verdict.valid, verdict.reason = False, "rollout_error"
-        return proposed.trajectories, verdicts
+        return proposed.trajectories, outputs, verdicts
 
     def score(self, trajectories: list[Trajectory], step: int) -> dict[str, float]:
         """The solver rewards, then each proposer's reward from its own question's attempts."""
