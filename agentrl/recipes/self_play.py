@@ -141,17 +141,16 @@ class SelfPlayRecipe(Recipe):
         slots: list[Problem | None] = [Problem(v.question, a, step) if v.valid else None
                                        for v, a in zip(verdicts[:count], answers[:count], strict=True)]
         slot_of: list[int | None] = list(range(count))
+        open_slots = iter([index for index, slot in enumerate(slots) if slot is None])
         for verdict, answer in zip(verdicts[count:], answers[count:], strict=True):
-            if not verdict.valid:
-                slot_of.append(None)
-                continue
-            free = slots.index(None) if None in slots else len(slots)
-            if free == len(slots):
-                slots.append(None)
-            else:
-                slot_of[free] = None  # the invalid first-round proposal whose slot this question takes
-            slots[free] = Problem(verdict.question, answer, step)
-            slot_of.append(free)
+            slot = next(open_slots, None) if verdict.valid else None
+            if slot is not None:
+                slot_of[slot] = None  # the invalid first-round proposal whose slot this question takes
+                slots[slot] = Problem(verdict.question, answer, step)
+            elif verdict.valid:
+                slot = len(slots)
+                slots.append(Problem(verdict.question, answer, step))
+            slot_of.append(slot)
         problems = self.pool.fill(slots, step)
         sources = ["proposed" if s is not None else ("placeholder" if p.placeholder else "pool")
                    for s, p in zip(slots, problems, strict=True)]
